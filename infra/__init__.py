@@ -1,0 +1,1 @@
+"""How the real services are fetched, started and stopped on one machine."""

@@ -1,0 +1,119 @@
+"""Background services on this machine: the process bookkeeping `make up` / `make down` use.
+
+A service is a process started in its own session with its output in `var/log/<name>.log`
+and its pid in `var/run/<name>.pid`, so it never holds the caller's terminal and a later
+`down` finds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VAR = ROOT / "var"
+LOG_DIR = VAR / "log"
+RUN_DIR = VAR / "run"
+
+
+class ServiceError(RuntimeError):
+    """A service could not be fetched, started or reached."""
+
+
+def log_path(name: str) -> Path:
+    return LOG_DIR / f"{name}.log"
+
+
+def pid_path(name: str) -> Path:
+    return RUN_DIR / f"{name}.pid"
+
+
+def running_pid(name: str, marker: str) -> int | None:
+    """The pid of our running `name` service; `marker` must appear in its command line."""
+    path = pid_path(name)
+    try:
+        pid = int(path.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, ValueError):
+        return None
+    return pid if marker in cmdline else None
+
+
+def start(
+    name: str, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> int:
+    """Start `argv` detached, output appended to its log file; returns the pid."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with open(log_path(name), "ab") as log:
+        process = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    pid_path(name).write_text(str(process.pid))
+    return process.pid
+
+
+def stop(name: str, marker: str, timeout_s: float = 30.0) -> bool:
+    """SIGTERM the service's process group, SIGKILL after `timeout_s`. True if it was running."""
+    pid = running_pid(name, marker)
+    pid_path(name).unlink(missing_ok=True)
+    if pid is None:
+        return False
+    _signal_group(pid, signal.SIGTERM)
+    if not wait_for(lambda: not alive(pid), timeout_s):
+        _signal_group(pid, signal.SIGKILL)
+        wait_for(lambda: not alive(pid), 10)
+    return True
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signum)
+
+
+def alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
+    """Poll `condition` until true or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def log_tail(name: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(log_path(name).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

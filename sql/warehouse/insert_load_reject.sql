@@ -1,0 +1,1 @@
+INSERT INTO load_rejects (topic, "partition", "offset", value, reason) VALUES (?, ?, ?, ?, ?)

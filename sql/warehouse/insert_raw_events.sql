@@ -1,0 +1,1 @@
+INSERT INTO raw_events BY NAME SELECT * FROM batch

@@ -1,0 +1,1 @@
+SELECT "partition", next_offset FROM kafka_offsets WHERE topic = $topic

@@ -1,0 +1,1 @@
+"""Long-running Kafka daemons: one module per worker, `python -m stream_workers <worker>`."""

@@ -1,0 +1,1 @@
+"""Shared logic and IO plumbing: called by flows/ (batch) and stream_workers/ (realtime)."""

@@ -1,0 +1,260 @@
+"""The one Kafka client factory: producers, consumers and the admin client from settings.
+
+Also: JSON (de)serialisation, the project's declared topics with idempotent creation, the
+dead-letter helper, and a clear error when the broker is not reachable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from tasks.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailableError(RuntimeError):
+    """The Kafka cluster did not answer at the configured address in time."""
+
+
+# --- JSON ---------------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    # Decimals travel as strings so no binary float ever touches a price or an amount.
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def encode_json(value: Any) -> bytes | None:
+    """UTF-8 JSON bytes; None stays None (a tombstone)."""
+    if value is None:
+        return None
+    return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+
+
+def decode_json(raw: bytes | None) -> Any:
+    """Parse UTF-8 JSON bytes; None (a tombstone) stays None."""
+    if raw is None:
+        return None
+    return json.loads(raw)
+
+
+def encode_key(key: str | bytes | None) -> bytes | None:
+    if key is None or isinstance(key, bytes):
+        return key
+    return str(key).encode()
+
+
+# --- clients ------------------------------------------------------------------------------
+
+
+def client_config(settings: Settings | None = None) -> dict[str, Any]:
+    """Connection and security options shared by every client."""
+    s = settings or get_settings()
+    config: dict[str, Any] = {
+        "bootstrap_servers": s.kafka_bootstrap_servers.split(","),
+        "client_id": s.kafka_client_id,
+        "security_protocol": s.kafka_security_protocol,
+        "bootstrap_timeout_ms": int(s.kafka_timeout_s * 1000),
+    }
+    if s.kafka_sasl_mechanism:
+        config["sasl_mechanism"] = s.kafka_sasl_mechanism
+        config["sasl_plain_username"] = s.kafka_sasl_username
+        if s.kafka_sasl_password is not None:
+            config["sasl_plain_password"] = s.kafka_sasl_password.get_secret_value()
+    if s.kafka_ssl_cafile:
+        config["ssl_cafile"] = str(s.kafka_ssl_cafile)
+    return config
+
+
+def _unavailable(settings: Settings, error: Exception) -> BrokerUnavailableError:
+    return BrokerUnavailableError(
+        f"Kafka broker not reachable at {settings.kafka_bootstrap_servers} within "
+        f"{settings.kafka_timeout_s:g}s ({type(error).__name__}). Start one with `make up`, "
+        "or point KAFKA_BOOTSTRAP_SERVERS at a running cluster."
+    )
+
+
+def make_producer(settings: Settings | None = None, **overrides: Any) -> KafkaProducer:
+    """A JSON producer (keys: str, values: JSON-able or None for a tombstone).
+
+    Pass `transactional_id=...` for an exactly-once producer.
+    """
+    s = settings or get_settings()
+    config = client_config(s) | {
+        "key_serializer": encode_key,
+        "value_serializer": encode_json,
+        "acks": "all",
+        "linger_ms": 5,
+    }
+    try:
+        return KafkaProducer(**(config | overrides))
+    except KafkaError as error:
+        raise _unavailable(s, error) from error
+
+
+def make_consumer(
+    *topics: str, settings: Settings | None = None, group_id: str | None = None, **overrides: Any
+) -> KafkaConsumer:
+    """A consumer of raw bytes (callers parse, so a bad message can go to the DLQ).
+
+    Auto-commit is off: every caller commits (or binds offsets to a transaction) itself.
+    """
+    s = settings or get_settings()
+    config = client_config(s) | {
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+    }
+    try:
+        return KafkaConsumer(*topics, **(config | overrides))
+    except KafkaError as error:
+        raise _unavailable(s, error) from error
+
+
+def make_admin(settings: Settings | None = None, **overrides: Any) -> KafkaAdminClient:
+    s = settings or get_settings()
+    try:
+        return KafkaAdminClient(**(client_config(s) | overrides))
+    except KafkaError as error:
+        raise _unavailable(s, error) from error
+
+
+def wait_for_broker(settings: Settings | None = None) -> None:
+    """Return once the cluster answers a metadata request, else raise BrokerUnavailableError."""
+    admin = make_admin(settings)
+    admin.close()
+
+
+# --- topics -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    compacted: bool = False
+    config: dict[str, str] = field(default_factory=dict)
+
+    def new_topic(self, replication_factor: int) -> NewTopic:
+        config = dict(self.config)
+        if self.compacted:
+            config["cleanup.policy"] = "compact"
+        return NewTopic(self.name, self.partitions, replication_factor, topic_configs=config)
+
+
+def project_topics(settings: Settings | None = None) -> list[TopicSpec]:
+    """Every fixed topic of the project (job topics are per processor: see `job_topics`)."""
+    s = settings or get_settings()
+    n = s.kafka_default_partitions
+    topics = [
+        TopicSpec(s.trades_topic, n),
+        TopicSpec(s.price_alerts_topic, n, compacted=True),
+        TopicSpec(s.notifications_topic, n),
+        TopicSpec(s.transactions_topic, n),
+        TopicSpec(s.transaction_alerts_topic, n),
+        TopicSpec(s.transaction_totals_changelog_topic, n, compacted=True),
+    ]
+    dlqs = [TopicSpec(s.dlq_topic(t.name), 1) for t in topics if not t.compacted]
+    dlqs.append(TopicSpec(s.dlq_topic(s.price_alerts_topic), 1))
+    return topics + dlqs
+
+
+def job_topics(processor: str, settings: Settings | None = None) -> list[TopicSpec]:
+    """The per-priority job topics, their DLQs and the results topic of one processor."""
+    s = settings or get_settings()
+    n = s.kafka_default_partitions
+    jobs = [TopicSpec(s.jobs_topic(processor, p), n) for p in ("realtime", "normal", "slow")]
+    results = TopicSpec(s.job_results_topic(processor), n)
+    return [*jobs, results, *(TopicSpec(s.dlq_topic(t.name), 1) for t in jobs)]
+
+
+def ensure_topics(specs: Iterable[TopicSpec], settings: Settings | None = None) -> list[str]:
+    """Create the missing topics; existing ones are left alone. Returns the names created."""
+    s = settings or get_settings()
+    wanted = {spec.name: spec for spec in specs}
+    admin = make_admin(s)
+    try:
+        existing = set(admin.list_topics())
+        missing = [spec for name, spec in wanted.items() if name not in existing]
+        created = []
+        for spec in missing:
+            try:
+                admin.create_topics([spec.new_topic(s.kafka_replication_factor)])
+                created.append(spec.name)
+            except TopicAlreadyExistsError:
+                pass  # another process created it between our list and create: fine
+        return created
+    finally:
+        admin.close()
+
+
+# --- dead letters -------------------------------------------------------------------------
+
+
+def dead_letter(record: ConsumerRecord, reason: str) -> dict[str, Any]:
+    """The DLQ message for a record that could not be parsed or validated."""
+    value = record.value
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    key = record.key.decode("utf-8", errors="replace") if isinstance(record.key, bytes) else None
+    return {
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "key": key,
+        "value": value,
+        "reason": reason,
+        "failed_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def send_to_dlq(
+    producer: KafkaProducer, record: ConsumerRecord, reason: str, settings: Settings | None = None
+):
+    """Send `record` with `reason` to `<topic>.dlq`; returns the send future."""
+    s = settings or get_settings()
+    return producer.send(
+        s.dlq_topic(record.topic), key=record.key, value=dead_letter(record, reason)
+    )
+
+
+# --- daemons ------------------------------------------------------------------------------
+
+
+class StopSignal:
+    """Set by SIGTERM / SIGINT: daemons finish the current batch, commit, and exit 0."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def install(self) -> StopSignal:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self._event.set())
+        return self
+
+    def set(self) -> None:
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
