@@ -10,6 +10,7 @@ the demo started, it stops, also on failure.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from infra import demo_steps, kafka_broker, prefect_server, services
@@ -53,11 +55,8 @@ class DemoContext:
         self, name: str, parameters: dict[str, Any] | None = None, timeout_s: float = 300
     ):
         """Trigger a served deployment through the Prefect API and wait for its final state."""
-        import os
-
         from prefect.deployments import run_deployment
 
-        os.environ.update(prefect_server.client_env())
         started = time.monotonic()
         if not services.wait_for(lambda: _deployment_exists(name), 90, 0.5):
             raise RuntimeError(
@@ -95,6 +94,9 @@ def _steps():
 
 
 def run_demo() -> int:
+    # Before anything imports Prefect: every client here talks to the demo's server.
+    for key, value in prefect_server.client_env().items():
+        os.environ.setdefault(key, value)
     settings = get_settings()
     ctx = DemoContext(settings)
     stack: list[tuple[str, Any]] = []
@@ -135,5 +137,5 @@ def _print_summary(ctx: DemoContext) -> None:
     for column in ("domain", "what", "value"):
         table.add_column(column)
     for row in ctx.summary:
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))
     console.print(table)

@@ -25,6 +25,11 @@ def artifacts(key: str) -> list[dict[str, Any]]:
     """Every artifact stored under `key` in the current Prefect API, newest first (as JSON)."""
     from prefect.client.orchestration import get_client
 
-    query = {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 200, "offset": 0}
+    query = {
+        "artifacts": {"key": {"any_": [key]}},
+        "sort": "CREATED_DESC",
+        "limit": 200,
+        "offset": 0,
+    }
     with get_client(sync_client=True) as client:
         return client.request("POST", "/artifacts/filter", json=query).json()

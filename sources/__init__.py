@@ -1,0 +1,1 @@
+"""Producers of sample traffic and subscriptions: `python -m sources <source> [options]`."""
