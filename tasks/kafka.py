@@ -20,6 +20,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.serializer import Serializer
 
 from tasks.settings import Settings, get_settings
 
@@ -64,6 +65,16 @@ def encode_key(key: str | bytes | None) -> bytes | None:
     return str(key).encode()
 
 
+class JsonSerializer(Serializer):
+    def serialize(self, topic: str, headers: Any, data: Any) -> bytes | None:
+        return encode_json(data)
+
+
+class KeySerializer(Serializer):
+    def serialize(self, topic: str, headers: Any, data: str | bytes | None) -> bytes | None:
+        return encode_key(data)
+
+
 # --- clients ------------------------------------------------------------------------------
 
 
@@ -101,8 +112,8 @@ def make_producer(settings: Settings | None = None, **overrides: Any) -> KafkaPr
     """
     s = settings or get_settings()
     config = client_config(s) | {
-        "key_serializer": encode_key,
-        "value_serializer": encode_json,
+        "key_serializer": KeySerializer(),
+        "value_serializer": JsonSerializer(),
         "acks": "all",
         "linger_ms": 5,
     }
