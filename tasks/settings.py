@@ -58,6 +58,80 @@ class Settings(BaseSettings):
     deposit_alert_threshold: Decimal = Decimal("2000")
     withdrawal_alert_threshold: Decimal = Decimal("-2000")
 
+    # --- prices (issue #3) ----------------------------------------------------------------
+    price_alerts_group: str = "price-alerts"  # worker consumer group
+    # Firing transactions use `<prefix>-<trades topic>-<partition>`: the worker and the batch
+    # flow share these ids, so Kafka's fencing serialises who may fire a product's alerts.
+    price_fire_transactional_prefix: str = "price-alerts-fire"
+    price_alerts_batch_size: int = Field(default=5000, ge=1, description="worker: max poll batch")
+    price_alerts_txn_timeout_ms: int = Field(default=10_000, ge=1_000)
+    price_alerts_session_timeout_ms: int = Field(default=10_000, ge=6_000)
+    # How far Kafka record timestamps may trail trade event times when the worker rebuilds
+    # its windows by seeking `trades` with offsets_for_times.
+    price_rebuild_margin_s: float = Field(default=60, ge=0)
+    price_fence_backoff_s: float = Field(
+        default=1.0, ge=0, description="worker: pause after being fenced by a batch firing"
+    )
+    price_fire_attempts: int = Field(default=5, ge=1, description="flow: tries when fenced")
+
+    # --- transactions (issue #4) ----------------------------------------------------------
+    transaction_alerts_group: str = "transaction-alerts"  # consumer group + transactional id prefix
+    transaction_amount_scale: int = Field(default=2, ge=0, le=6, description="decimal places")
+    transaction_max_abs_amount: Decimal = Field(
+        default=Decimal("1000000000"), gt=0, description="larger amounts go to the DLQ as absurd"
+    )
+    transaction_alerts_batch_size: int = Field(default=20_000, ge=1, description="max poll batch")
+    # 6 s is the broker's group.min.session.timeout.ms: how soon others take over a dead worker.
+    transaction_alerts_session_timeout_ms: int = Field(default=10_000, ge=6_000)
+    # How long a dead worker's open transaction blocks read_committed readers (Kafka
+    # Streams uses 10 s for the same reason); a restart with the same --instance aborts it.
+    transaction_alerts_txn_timeout_ms: int = Field(default=10_000, ge=1_000)
+
+    # --- words (issue #5) -----------------------------------------------------------------
+    # Where the shard tasks of `word_count` run: a thread pool in the flow's process, or Dask.
+    word_count_task_runner: Literal["threads", "dask"] = "threads"
+    # An existing Dask scheduler (e.g. tcp://10.0.0.5:8786; its workers must see the corpus
+    # files); unset: a temporary local cluster of `word_count_dask_workers` workers.
+    word_count_dask_address: str | None = None
+    word_count_dask_workers: int = Field(default=2, ge=1)
+    word_count_dask_processes: bool = True  # local cluster: worker processes (else threads)
+    word_count_max_shards: int = Field(default=256, ge=1, description="flow: refuse more shards")
+
+    # --- jobs (issue #6) ------------------------------------------------------------------
+    jobs_batch_size: int = Field(default=500, ge=1, description="submitter: jobs per batch")
+    jobs_batch_latency_ms: float = Field(
+        default=20, ge=0, description="submitter: longest a batch's first job waits for more"
+    )
+    jobs_timeout_realtime_s: float = Field(default=10, gt=0)
+    jobs_timeout_normal_s: float = Field(default=60, gt=0)
+    # SLOW jobs are drained by the flow every 5 minutes: callers mostly use submit_async.
+    jobs_timeout_slow_s: float = Field(default=900, gt=0)
+    jobs_processor_max_batch: int = Field(default=500, ge=1, description="jobs per transaction")
+    jobs_normal_slice_ms: float = Field(
+        default=50, gt=0, description="processor: NORMAL work per transaction"
+    )
+    jobs_results_lookback_h: float = Field(
+        default=24, gt=0, description="processor: job ids with results rebuilt from this far back"
+    )
+    jobs_session_timeout_ms: int = Field(default=10_000, ge=6_000)
+    jobs_txn_timeout_ms: int = Field(default=10_000, ge=1_000)
+    jobs_slow_batch_size: int = Field(default=200, ge=1, description="flow: SLOW jobs per batch")
+    # The daemon's NORMAL lane runs this much nicer than its REALTIME lane (0 to 19).
+    jobs_normal_niceness: int = Field(default=10, ge=0, le=19)
+    payments_upstream_path: Path | None = None  # default: payments-upstream.sqlite by the warehouse
+    payments_upstream_rate_per_s: float = Field(default=1000, gt=0, description="token bucket")
+    payments_upstream_burst: int = Field(default=50, ge=1)
+
+    def jobs_processor_group(self, processor: str) -> str:
+        """Consumer group prefix (+ `.realtime` / `.normal`) and transactional id prefix of a
+        processor daemon."""
+        return f"{self.jobs_topic_prefix}.{processor}.processor"
+
+    def payments_upstream_ledger(self) -> Path:
+        """The simulated payments upstream's own SQLite ledger file."""
+        default = self.warehouse_path.parent / "payments-upstream.sqlite"
+        return self.payments_upstream_path or default
+
     def dlq_topic(self, topic: str) -> str:
         """The dead-letter topic for `topic`."""
         return f"{topic}{self.dlq_suffix}"

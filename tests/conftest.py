@@ -58,6 +58,7 @@ def settings(kafka_broker: str, tmp_path: Path, unique: str, monkeypatch) -> Ite
         "TRANSACTIONS_TOPIC": f"transactions-{unique}",
         "TRANSACTION_ALERTS_TOPIC": f"transaction-alerts-{unique}",
         "TRANSACTION_TOTALS_CHANGELOG_TOPIC": f"transaction-totals-changelog-{unique}",
+        "TRANSACTION_ALERTS_GROUP": f"transaction-alerts-{unique}",
         "JOBS_TOPIC_PREFIX": f"jobs-{unique}",
         "JOB_RESULTS_TOPIC_PREFIX": f"job-results-{unique}",
     }

@@ -1,0 +1,73 @@
+"""Transactions: two exactly-once workers share the partitions; the daily check agrees."""
+
+from __future__ import annotations
+
+import time
+from argparse import Namespace
+
+from kafka import TopicPartition
+
+from sources import transactions as source
+from tasks.kafka import ensure_topics, make_consumer, make_producer, project_topics
+from tasks.transactions import group_lag
+from tasks.warehouse import connect, run_sql
+
+ORDER = 20
+USERS, TRANSACTIONS = 30, 3000
+
+
+def prepare(ctx) -> None:
+    ensure_topics(project_topics(ctx.settings), ctx.settings)
+    ctx.start_worker("transaction-alerts", "--instance", "0")
+    ctx.start_worker("transaction-alerts", "--instance", "1")
+
+
+def produce(ctx) -> None:
+    s = ctx.settings
+    args = Namespace(users=USERS, count=TRANSACTIONS, seed=1, rate=0, start=None)
+    source.produce(source.generated(args, s), TRANSACTIONS, 0, s)
+    producer = make_producer(s)  # one malformed transaction: the workers dead-letter it
+    producer.send(s.transactions_topic, key="Rex", value={"user": "Rex", "amount": "ten"})
+    producer.flush()
+    producer.close()
+    ctx.add("transactions", "transactions produced", TRANSACTIONS + 1)
+    # The check tolerates lag, but the summary reads better once the workers caught up.
+    deadline = time.monotonic() + 60
+    while (group_lag(s) or 1) > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def batch(ctx) -> None:
+    ctx.run_deployment("transaction_totals/transaction-totals")
+
+
+def summarize(ctx) -> None:
+    s = ctx.settings
+    ctx.add("transactions", "alerts (read committed)", _count(s, s.transaction_alerts_topic))
+    ctx.add("transactions", "dead letters", _count(s, s.dlq_topic(s.transactions_topic)))
+    con = connect(s, read_only=True)
+    try:
+        rows = run_sql(con, "transactions/latest_check").fetchall()
+    finally:
+        con.close()
+    if rows:
+        users, compared, mismatches, _ = rows[0]
+        ctx.add("transactions", "users compared stream vs batch", f"{compared} of {users}")
+        ctx.add("transactions", "total mismatches (batch check)", mismatches)
+
+
+def _count(settings, topic: str) -> int:
+    """Committed messages on `topic` (aborted transactions and markers are not counted)."""
+    consumer = make_consumer(settings=settings, group_id=None)
+    try:
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        count, deadline = 0, time.monotonic() + 30
+        while any(consumer.position(tp) < end[tp] for tp in tps) and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                count += sum(1 for r in records if r.offset < end[tp])
+        return count
+    finally:
+        consumer.close()

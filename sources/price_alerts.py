@@ -1,0 +1,123 @@
+"""`python -m sources price-alerts`: create and delete alerts on the compacted `price-alerts`.
+
+    python -m sources price-alerts create --user U --product BTC-USD --threshold 6500.00
+    python -m sources price-alerts delete --alert-id ID
+
+Importable: `create_alert(...)` / `delete_alert(...)`. An alert fires once, when the
+ten-minute average of its product reaches the threshold, then is tombstoned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from kafka import KafkaProducer
+
+from tasks.kafka import ensure_topics, make_producer, project_topics
+from tasks.prices import InvalidRecord, PriceAlert, check_product_id, decimal_units
+from tasks.settings import Settings, get_settings
+
+
+def _ensure(settings: Settings) -> None:
+    # The alert topic must exist compacted before the first write (auto-creation would not be).
+    wanted = {settings.price_alerts_topic}
+    ensure_topics([t for t in project_topics(settings) if t.name in wanted], settings)
+
+
+def validate_alert(user_id: Any, product_id: Any, threshold: Any) -> None:
+    """Raise ValueError with a clear message for a bad user, product or threshold."""
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise ValueError(f"user: {user_id!r} must be a non-empty string")
+    try:
+        check_product_id(product_id, "product")
+        if isinstance(threshold, float):
+            raise InvalidRecord(
+                f"threshold: {threshold!r} is a binary float; give a decimal string"
+            )
+        decimal_units(str(threshold) if isinstance(threshold, int) else threshold, "threshold")
+    except InvalidRecord as error:
+        raise ValueError(f"{error} (the threshold must be a positive decimal)") from None
+
+
+def create_alert(
+    user_id: str,
+    product_id: str,
+    threshold: str,
+    *,
+    alert_id: str | None = None,
+    created_at: datetime | None = None,
+    settings: Settings | None = None,
+    producer: KafkaProducer | None = None,
+) -> PriceAlert:
+    """Write a new alert (key: its id) and wait for the broker's ack; returns the alert."""
+    validate_alert(user_id, product_id, threshold)
+    alert = PriceAlert(
+        alert_id=alert_id or uuid.uuid4().hex,
+        user_id=user_id,
+        product_id=product_id,
+        threshold=threshold,
+        created_at=created_at or datetime.now(UTC),
+    )
+    s = settings or get_settings()
+    own = producer is None
+    if own:
+        _ensure(s)
+        producer = make_producer(s)
+    try:
+        message = alert.message()
+        message["threshold"] = threshold.strip() if isinstance(threshold, str) else str(threshold)
+        producer.send(s.price_alerts_topic, key=alert.alert_id, value=message)
+        if own:
+            producer.flush()
+    finally:
+        if own:
+            producer.close()
+    return alert
+
+
+def delete_alert(
+    alert_id: str, *, settings: Settings | None = None, producer: KafkaProducer | None = None
+) -> None:
+    """Remove an alert: a tombstone (null value) for its key on the compacted topic."""
+    if not isinstance(alert_id, str) or not alert_id.strip():
+        raise ValueError(f"alert id: {alert_id!r} must be a non-empty string")
+    s = settings or get_settings()
+    own = producer is None
+    if own:
+        producer = make_producer(s)
+    try:
+        producer.send(s.price_alerts_topic, key=alert_id, value=None)
+        if own:
+            producer.flush()
+    finally:
+        if own:
+            producer.close()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sources price-alerts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    create = commands.add_parser("create", help="create an alert")
+    create.add_argument("--user", required=True)
+    create.add_argument("--product", required=True, help="e.g. BTC-USD")
+    create.add_argument("--threshold", required=True, help="a positive decimal, e.g. 6500.00")
+    create.add_argument("--alert-id", default=None, help="default: a new random id")
+    delete = commands.add_parser("delete", help="delete an alert")
+    delete.add_argument("--alert-id", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "create":
+            alert = create_alert(args.user, args.product, args.threshold, alert_id=args.alert_id)
+            print(alert.alert_id)
+        else:
+            delete_alert(args.alert_id)
+            print(f"deleted {args.alert_id}")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

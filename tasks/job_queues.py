@@ -1,0 +1,99 @@
+"""The Kafka side of the job queues, shared by the processor daemon and the SLOW flow:
+which job ids already have results, and how much REALTIME / NORMAL work is pending."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from datetime import datetime
+
+from kafka import TopicPartition
+
+from tasks.jobs import Priority
+from tasks.kafka import make_admin, make_consumer
+from tasks.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def priority_topics(
+    processor: str, settings: Settings | None = None, priorities: Iterable[Priority] = Priority
+) -> dict[str, Priority]:
+    """Topic name -> priority for a processor's job topics."""
+    s = settings or get_settings()
+    return {s.jobs_topic(processor, p.value): p for p in priorities}
+
+
+def _partitions(consumer, topic: str) -> list[TopicPartition]:
+    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+
+
+def result_ids_since(
+    processor: str, since: datetime | None, settings: Settings | None = None
+) -> set[str]:
+    """Job ids with a committed result on `job-results.<processor>` written since `since`
+    (None: since the beginning), read up to the topic's end at the time of the call."""
+    s = settings or get_settings()
+    consumer = make_consumer(settings=s, group_id=None, max_poll_records=10_000)
+    found: set[str] = set()
+    try:
+        tps = _partitions(consumer, s.job_results_topic(processor))
+        if not tps:
+            return found
+        consumer.assign(tps)
+        end = consumer.end_offsets(tps)
+        start = consumer.beginning_offsets(tps)
+        if since is not None:
+            by_time = consumer.offsets_for_times({tp: int(since.timestamp() * 1000) for tp in tps})
+            start = {tp: by_time[tp].offset if by_time[tp] else end[tp] for tp in tps}
+        for tp in tps:
+            consumer.seek(tp, start[tp])
+        deadline = time.monotonic() + max(60.0, s.kafka_timeout_s)
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {s.job_results_topic(processor)} did not finish")
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                # Keys only: the job id is the key, no need to parse the values.
+                found.update(r.key.decode() for r in records if r.key and r.offset < end[tp])
+    finally:
+        consumer.close()
+    return found
+
+
+class PendingWork:
+    """Jobs waiting for the processor daemon: end offsets minus the committed offsets of its
+    lanes' groups (`<processor group>.realtime` and `.normal`)."""
+
+    def __init__(self, processor: str, settings: Settings | None = None) -> None:
+        self.settings = s = settings or get_settings()
+        self.topics = priority_topics(processor, s, (Priority.REALTIME, Priority.NORMAL))
+        base = s.jobs_processor_group(processor)
+        self.groups = {p: f"{base}.{p.value.lower()}" for p in self.topics.values()}
+        self._admin = make_admin(s)
+        self._consumer = make_consumer(settings=s, group_id=None)
+
+    def pending(self) -> dict[Priority, int]:
+        """Jobs not yet committed by the processor's group, per priority (REALTIME, NORMAL)."""
+        tps = [tp for topic in self.topics for tp in _partitions(self._consumer, topic)]
+        counts = dict.fromkeys(self.topics.values(), 0)
+        if not tps:
+            return counts
+        end = self._consumer.end_offsets(tps)
+        start = self._consumer.beginning_offsets(tps)
+        specs = {
+            self.groups[priority]: [tp for tp in tps if self.topics[tp.topic] is priority]
+            for priority in self.topics.values()
+        }
+        committed = {}
+        for offsets in self._admin.list_group_offsets(specs).values():
+            committed.update(offsets)
+        for tp in tps:
+            done = committed.get(tp)
+            position = done.offset if done is not None and done.offset >= 0 else start[tp]
+            counts[self.topics[tp.topic]] += max(0, end[tp] - position)
+        return counts
+
+    def close(self) -> None:
+        self._consumer.close()
+        self._admin.close()

@@ -1,0 +1,131 @@
+"""Helpers shared by the price-alert integration tests (real broker, real worker code)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from kafka import TopicPartition
+
+from stream_workers.price_alerts import PriceAlertsWorker
+from tasks.kafka import (
+    StopSignal,
+    decode_json,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    project_topics,
+)
+from tasks.prices import exact_average, to_us
+from tasks.settings import Settings
+
+
+def trade(i: int, product: str, price: str, at: datetime, **extra: Any) -> dict[str, Any]:
+    return {"trade_id": i, "product_id": product, "price": price, "size": "0.5",
+            "side": "buy" if i % 2 else "sell", "time": at.isoformat()} | extra  # fmt: skip
+
+
+def produce(settings: Settings, topic: str, messages: list[tuple[str | None, Any]]) -> None:
+    """Send (key, value) pairs; trades carry their event time as the Kafka timestamp."""
+    _ensure(settings, topic)
+    producer = make_producer(settings)
+    for key, value in messages:
+        timestamp = None
+        if isinstance(value, dict) and isinstance(value.get("time"), str):
+            try:
+                timestamp = to_us(datetime.fromisoformat(value["time"])) // 1000
+            except ValueError:
+                timestamp = None
+        producer.send(topic, key=key, value=value, timestamp_ms=timestamp)
+    producer.flush()
+    producer.close()
+
+
+def _ensure(settings: Settings, topic: str) -> None:
+    ensure_topics([t for t in project_topics(settings) if t.name == topic], settings)
+
+
+def produce_raw(settings: Settings, topic: str, key: str, raw: bytes) -> None:
+    _ensure(settings, topic)
+    producer = make_producer(settings, value_serializer=None)
+    producer.send(topic, key=key, value=raw)
+    producer.flush()
+    producer.close()
+
+
+def read_all(settings: Settings, topic: str) -> list[tuple[str | None, Any]]:
+    """Every committed record of `topic` (read_committed), as (key, decoded value)."""
+    consumer = make_consumer(settings=settings, group_id=None)
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        out = []
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            for records in consumer.poll(timeout_ms=200).values():
+                for r in records:
+                    out.append((r.key.decode() if r.key else None, decode_json(r.value)))
+        return out
+    finally:
+        consumer.close()
+
+
+def notifications(settings: Settings) -> list[dict[str, Any]]:
+    return [value for _key, value in read_all(settings, settings.notifications_topic)]
+
+
+def committed_total(settings: Settings, group: str) -> int:
+    consumer = make_consumer(settings=settings, group_id=group)
+    try:
+        partitions = consumer.partitions_for_topic(settings.trades_topic) or set()
+        return sum(
+            consumer.committed(TopicPartition(settings.trades_topic, p)) or 0 for p in partitions
+        )
+    finally:
+        consumer.close()
+
+
+class WorkerThread:
+    """The real worker loop in a thread of the test process (stopped like SIGTERM would)."""
+
+    def __init__(self, settings: Settings, group: str, **kwargs: Any) -> None:
+        self.stop = StopSignal()
+        self.worker = PriceAlertsWorker(settings, group_id=group, stop=self.stop, **kwargs)
+        self.result: list[int] = []
+        self.thread = threading.Thread(target=lambda: self.result.append(self.worker.run()))
+
+    def __enter__(self) -> PriceAlertsWorker:
+        self.thread.start()
+        return self.worker
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "the worker did not stop"
+        assert self.result == [0]
+
+
+def expected_firings(
+    trades: list[dict[str, Any]], alerts: dict[str, tuple[str, Decimal]], minutes: int = 10
+) -> dict[str, tuple[str, str]]:
+    """Brute-force reference: alert_id -> (average, window_end) of its first crossing, trade
+    by trade in order (trades in event-time order per product)."""
+    seen: dict[str, list[tuple[datetime, Decimal]]] = {}
+    fired: dict[str, tuple[str, str]] = {}
+    for t in trades:
+        at = datetime.fromisoformat(t["time"])
+        seen.setdefault(t["product_id"], []).append((at, Decimal(t["price"])))
+        inside = [
+            p for when, p in seen[t["product_id"]] if at - timedelta(minutes=minutes) <= when <= at
+        ]
+        average = exact_average(inside)
+        for alert_id, (product, threshold) in alerts.items():
+            if alert_id not in fired and product == t["product_id"] and average >= threshold:
+                fired[alert_id] = (format(average, "f"), at.isoformat())
+    return fired

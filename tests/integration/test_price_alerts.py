@@ -1,0 +1,157 @@
+"""The price-alerts stream worker through the real broker: firing, DLQ, lateness, SIGKILL."""
+
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from sources.price_alerts import create_alert, delete_alert
+from tests.conftest import subprocess_env
+from tests.helpers import eventually
+from tests.integration.prices_support import (
+    WorkerThread,
+    committed_total,
+    expected_firings,
+    notifications,
+    produce,
+    produce_raw,
+    read_all,
+    trade,
+)
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+
+
+def test_worker_fires_once_tombstones_and_dead_letters(settings, unique):
+    group = f"pa-{unique}"
+    create_alert("ann", "BTC-USD", "105.00", alert_id="reach")
+    create_alert("bob", "BTC-USD", "105.00000001", alert_id="just-above")
+    create_alert("cat", "BTC-USD", "1", alert_id="deleted")
+    delete_alert("deleted")
+    create_alert("dan", "ETH-USD", "1", alert_id="other-product")
+    with WorkerThread(settings, group) as worker:
+        # An alert added while the worker runs is picked up.
+        create_alert("eve", "BTC-USD", "102.5", alert_id="added-live")
+        eventually(lambda: "added-live" in worker.state.alerts, 30, 0.05)
+        produce(settings, settings.trades_topic, [
+            ("BTC-USD", trade(1, "BTC-USD", "100", T0)),
+            ("BTC-USD", trade(2, "BTC-USD", "not-a-price", T0)),
+            ("BTC-USD", trade(3, "BTC-USD", "-1", T0)),
+            ("BTC-USD", {"trade_id": 4, "product_id": "BTC-USD", "price": "1"}),
+            ("BTC-USD", trade(5, "BTC-USD", "100", T0) | {"time": "noon"}),
+            ("BTC-USD", trade(6, "BTC-USD", "110.00", T0 + timedelta(minutes=10))),
+            # Too late: older than the window start (T0 + 10min - 10min) of the watermark.
+            ("BTC-USD", trade(7, "BTC-USD", "1", T0 - timedelta(microseconds=1))),
+            # Late but inside the window: joins it, average re-evaluated at the watermark.
+            ("BTC-USD", trade(8, "BTC-USD", "90", T0 + timedelta(minutes=1))),
+            ("BTC-USD", trade(9, "BTC-USD", "1000", T0 + timedelta(minutes=10))),
+        ])  # fmt: skip
+        produce_raw(settings, settings.trades_topic, "BTC-USD", b"\xff not json")
+        eventually(lambda: worker.stats["trades"] >= 10, 30, 0.05)
+        eventually(lambda: committed_total(settings, group) >= 10, 30)
+
+    fired = {n["alert_id"]: n for n in notifications(settings)}
+    assert sorted(fired) == ["added-live", "just-above", "reach"]
+    # Both fired on trade 6: [T0, T0+10min] holds 100 and 110 -> 105.
+    for alert_id in ("reach", "added-live"):
+        assert fired[alert_id]["average_price"] == "105.00000000"
+        assert fired[alert_id]["window_end"] == (T0 + timedelta(minutes=10)).isoformat()
+        assert fired[alert_id]["source"] == "stream"
+    # "just-above" needed more: after 90 joined (100) then 1000 -> (100+110+90+1000)/4 = 325.
+    assert fired["just-above"]["average_price"] == "325.00000000"
+    assert fired["reach"]["user_id"] == "ann" and fired["reach"]["threshold"] == "105.00"
+
+    tombstoned = {k for k, v in read_all(settings, settings.price_alerts_topic) if v is None}
+    assert tombstoned == {"reach", "added-live", "just-above", "deleted"}
+
+    dead = read_all(settings, settings.dlq_topic(settings.trades_topic))
+    reasons = [v["reason"] for _k, v in dead]
+    assert len(reasons) == 6
+    for expected in ("not a decimal", "not positive", "missing field(s): size, side, time",
+                     "not an ISO-8601 time", "too late", "not UTF-8 JSON"):  # fmt: skip
+        assert any(expected in r for r in reasons), (expected, reasons)
+    assert all(v["topic"] == settings.trades_topic for _k, v in dead)
+
+
+def _start_worker(group: str, log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "stream_workers", "price-alerts", "--group", group,
+             "--batch-size", "50", "--instance", "a"],
+            env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def test_sigkill_and_restart_neither_lose_nor_repeat_notifications(settings, unique, tmp_path):
+    """Kill the worker at random moments while trades flow; restart; every alert fires exactly
+    once, with the average a brute-force reference gives at its first crossing."""
+    group = f"pa-kill-{unique}"
+    rng = random.Random(unique)
+    products = ["BTC-USD", "ETH-USD", "SOL-USD"]
+    trades = []
+    cents = dict.fromkeys(products, 10_000)
+    for i in range(1800):
+        product = products[i % 3]
+        cents[product] += rng.randint(-40, 60)  # drifts up: thresholds get crossed over time
+        at = T0 + timedelta(milliseconds=900 * i)  # ~27 minutes: the window slides
+        trades.append(trade(i, product, str(Decimal(cents[product]).scaleb(-2)), at))
+    alerts = {}
+    for i in range(90):
+        product = products[i % 3]
+        threshold = Decimal(rng.randint(9_900, 20_000)).scaleb(-2)
+        alerts[f"alert-{i}"] = (product, threshold)
+        create_alert(f"user-{i % 7}", product, str(threshold), alert_id=f"alert-{i}")
+    expected = expected_firings(trades, alerts)
+    assert 20 < len(expected) < len(alerts), "the data must both fire and not fire alerts"
+
+    feeder = threading.Thread(
+        target=lambda: [
+            (produce(settings, settings.trades_topic,
+                     [(t["product_id"], t) for t in trades[k:k + 100]]), time.sleep(0.15))
+            for k in range(0, len(trades), 100)
+        ]
+    )  # fmt: skip
+    logs = [tmp_path / f"worker-{n}.log" for n in range(4)]
+    worker = _start_worker(group, logs[0])
+    feeder.start()
+    killed_at = []
+    try:
+        for n in range(1, 4):
+            # Kill once it has committed something new (or at a random moment of the start).
+            before = committed_total(settings, group)
+            deadline = time.monotonic() + rng.uniform(0.5, 3)
+            while time.monotonic() < deadline and committed_total(settings, group) <= before:
+                time.sleep(0.05)
+            worker.send_signal(signal.SIGKILL)
+            assert worker.wait(timeout=30) == -signal.SIGKILL
+            killed_at.append(committed_total(settings, group))
+            worker = _start_worker(group, logs[n])
+        feeder.join(timeout=120)
+        eventually(lambda: committed_total(settings, group) >= len(trades), 90, 0.25)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0, logs[-1].read_text()[-3000:]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    # The kills hit a worker in the middle of the stream, and restarts rebuilt windows.
+    assert any(0 < c < len(trades) for c in killed_at), killed_at
+    replayed = [
+        int(m) for log in logs for m in re.findall(r"(\d+) trades replayed", log.read_text())
+    ]
+    assert max(replayed) > 0, replayed
+
+    got = notifications(settings)
+    ids = [n["alert_id"] for n in got]
+    assert len(ids) == len(set(ids)), "a notification was repeated"
+    assert {n["alert_id"]: (n["average_price"], n["window_end"]) for n in got} == expected

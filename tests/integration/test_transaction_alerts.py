@@ -1,0 +1,68 @@
+"""The transaction-alerts worker against the real broker (in-process workers)."""
+
+import pytest
+
+from stream_workers.transaction_alerts import TransactionAlertsWorker
+from tasks.kafka import TopicSpec, ensure_topics
+from tasks.transactions import generate
+from tests.helpers import eventually
+from tests.integration._transactions import (
+    MALFORMED,
+    alerts_by_user,
+    changelog_totals,
+    dead_letters,
+    produce,
+    reference,
+    worker_thread,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_alerts_changelog_and_dead_letters_match_a_reference_across_a_restart(settings):
+    stream = list(generate(8, 1200, seed=21))
+    first, second = stream[:700], stream[700:]
+    # Malformed messages among the good ones; the worker must go on past each.
+    produce(settings, first[:300] + [m[:2] for m in MALFORMED] + first[300:])
+    with worker_thread(settings, instance="a", batch_size=200) as worker:
+        eventually(lambda: worker.stats.transactions == len(first) + len(MALFORMED), 60)
+        assert worker.stats.aborted == 0
+
+    want_alerts, want_totals = reference(first)
+    assert alerts_by_user(settings) == want_alerts
+    assert changelog_totals(settings) == want_totals
+
+    letters = dead_letters(settings)
+    assert [d["value"] for d in letters] == [m[1].decode() for m in MALFORMED]
+    for letter, (_, _, reason) in zip(letters, MALFORMED, strict=True):
+        assert letter["reason"].startswith(reason), letter
+        assert letter["topic"] == settings.transactions_topic
+
+    # A new process (another instance) restores the totals from the changelog and goes on.
+    produce(settings, second)
+    with worker_thread(settings, instance="b") as worker:
+        eventually(lambda: worker.stats.transactions == len(second), 60)
+        assert worker.stats.restored_users == len(want_totals)
+
+    want_alerts, want_totals = reference(stream)
+    assert sum(map(len, want_alerts.values())) > 100
+    assert alerts_by_user(settings) == want_alerts
+    assert changelog_totals(settings) == want_totals
+    assert len(dead_letters(settings)) == len(MALFORMED)
+
+
+def test_at_least_once_mode_gives_the_same_output_when_nothing_fails(settings):
+    stream = list(generate(5, 400, seed=4))
+    produce(settings, stream)
+    with worker_thread(settings, exactly_once=False) as worker:
+        eventually(lambda: worker.stats.transactions == len(stream), 60)
+    want_alerts, want_totals = reference(stream)
+    assert alerts_by_user(settings) == want_alerts
+    assert changelog_totals(settings) == want_totals
+
+
+def test_a_changelog_not_co_partitioned_with_the_source_is_refused(settings):
+    ensure_topics([TopicSpec(settings.transaction_totals_changelog_topic, 2, compacted=True)],
+                  settings)  # fmt: skip
+    with pytest.raises(SystemExit, match="same partitions"):
+        TransactionAlertsWorker(settings)
