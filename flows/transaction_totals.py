@@ -50,11 +50,15 @@ def transactions_frame(rules: Rules, partitions: int | None):
     return to_frame
 
 
+# The loader's sink name: the warehouse keeps this flow's Kafka offsets under it.
+INSERT_TRANSACTIONS = "transactions/insert_transactions"
+
+
 @task(cache_policy=NO_CACHE)
 def load_transactions(con, settings: Settings) -> LoadResult:
     to_frame = transactions_frame(Rules.from_settings(settings), _partition_count(settings))
     return load_topic(con, settings.transactions_topic,
-                      insert_sql="transactions/insert_transactions", to_frame=to_frame,
+                      insert_sql=INSERT_TRANSACTIONS, to_frame=to_frame,
                       settings=settings)  # fmt: skip
 
 
@@ -81,10 +85,16 @@ def compare(con, changelog: pl.DataFrame, topic: str) -> tuple[list[dict[str, An
     run_sql(con, "transactions/create_transaction_totals", {"topic": topic})
     con.register("changelog", changelog)
     try:
-        result = run_sql(con, "transactions/compare_with_changelog", {"topic": topic})
+        result = run_sql(
+            con,
+            "transactions/compare_with_changelog",
+            {"topic": topic, "sink": INSERT_TRANSACTIONS},
+        )
         columns = [d[0] for d in result.description]
         mismatches = [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
-        [(compared,)] = run_sql(con, "transactions/count_checkable", {"topic": topic}).fetchall()
+        [(compared,)] = run_sql(
+            con, "transactions/count_checkable", {"topic": topic, "sink": INSERT_TRANSACTIONS}
+        ).fetchall()
     finally:
         con.unregister("changelog")
     return mismatches, compared

@@ -8,10 +8,8 @@ import time
 from collections.abc import Iterable
 from datetime import datetime
 
-from kafka import TopicPartition
-
 from tasks.jobs import Priority
-from tasks.kafka import make_admin, make_consumer
+from tasks.kafka import committed_lag, make_admin, make_consumer, partitions_of
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -25,10 +23,6 @@ def priority_topics(
     return {s.jobs_topic(processor, p.value): p for p in priorities}
 
 
-def _partitions(consumer, topic: str) -> list[TopicPartition]:
-    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-
-
 def result_ids_since(
     processor: str, since: datetime | None, settings: Settings | None = None
 ) -> set[str]:
@@ -38,7 +32,7 @@ def result_ids_since(
     consumer = make_consumer(settings=s, group_id=None, max_poll_records=10_000)
     found: set[str] = set()
     try:
-        tps = _partitions(consumer, s.job_results_topic(processor))
+        tps = partitions_of(consumer, s.job_results_topic(processor))
         if not tps:
             return found
         consumer.assign(tps)
@@ -75,23 +69,13 @@ class PendingWork:
 
     def pending(self) -> dict[Priority, int]:
         """Jobs not yet committed by the processor's group, per priority (REALTIME, NORMAL)."""
-        tps = [tp for topic in self.topics for tp in _partitions(self._consumer, topic)]
-        counts = dict.fromkeys(self.topics.values(), 0)
-        if not tps:
-            return counts
-        end = self._consumer.end_offsets(tps)
-        start = self._consumer.beginning_offsets(tps)
         specs = {
-            self.groups[priority]: [tp for tp in tps if self.topics[tp.topic] is priority]
-            for priority in self.topics.values()
+            self.groups[priority]: partitions_of(self._consumer, topic)
+            for topic, priority in self.topics.items()
         }
-        committed = {}
-        for offsets in self._admin.list_group_offsets(specs).values():
-            committed.update(offsets)
-        for tp in tps:
-            done = committed.get(tp)
-            position = done.offset if done is not None and done.offset >= 0 else start[tp]
-            counts[self.topics[tp.topic]] += max(0, end[tp] - position)
+        counts = dict.fromkeys(self.topics.values(), 0)
+        for tp, lag in committed_lag(self._admin, self._consumer, specs).items():
+            counts[self.topics[tp.topic]] += lag
         return counts
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -218,6 +218,50 @@ def ensure_topics(specs: Iterable[TopicSpec], settings: Settings | None = None) 
         return created
     finally:
         admin.close()
+
+
+# --- consumer-group lag -------------------------------------------------------------------
+
+
+def partitions_of(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, sorted (empty if the topic does not exist)."""
+    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+
+
+def committed_lag(
+    admin: KafkaAdminClient, consumer: KafkaConsumer, groups: dict[str, list[TopicPartition]]
+) -> dict[TopicPartition, int]:
+    """Per partition: records not yet committed by the group that reads it (end offset minus
+    committed offset; from the beginning where the group never committed there)."""
+    tps = [tp for group_tps in groups.values() for tp in group_tps]
+    if not tps:
+        return {}
+    end = consumer.end_offsets(tps)
+    start = consumer.beginning_offsets(tps)
+    committed: dict[TopicPartition, Any] = {}
+    for offsets in admin.list_group_offsets(groups).values():
+        committed.update(offsets or {})
+    lag = {}
+    for tp in tps:
+        done = committed.get(tp)
+        position = done.offset if done is not None and done.offset >= 0 else start[tp]
+        lag[tp] = max(0, end[tp] - position)
+    return lag
+
+
+def group_lag(group: str, topics: list[str], settings: Settings | None = None) -> int | None:
+    """Records of `topics` not yet committed by `group` (None: the group never committed)."""
+    s = settings or get_settings()
+    admin = make_admin(s)
+    consumer = make_consumer(settings=s, group_id=None)
+    try:
+        if not admin.list_group_offsets({group: None}).get(group):
+            return None
+        tps = [tp for topic in topics for tp in partitions_of(consumer, topic)]
+        return sum(committed_lag(admin, consumer, {group: tps}).values())
+    finally:
+        admin.close()
+        consumer.close()
 
 
 # --- dead letters -------------------------------------------------------------------------

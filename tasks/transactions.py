@@ -27,7 +27,8 @@ from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.partitioner.default import murmur2
 
-from tasks.kafka import decode_json, make_admin, make_consumer
+from tasks.kafka import decode_json, make_consumer
+from tasks.kafka import group_lag as kafka_group_lag
 from tasks.settings import Settings, get_settings
 
 MAX_USER_LENGTH = 200  # a user name longer than this is not a name but bad input
@@ -420,19 +421,7 @@ def read_changelog(
 def group_lag(settings: Settings | None = None) -> int | None:
     """Transactions not yet committed by the worker group (None: it never committed)."""
     s = settings or get_settings()
-    group, topic = s.transaction_alerts_group, s.transactions_topic
-    admin = make_admin(s)
-    consumer = make_consumer(settings=s, group_id=None)
-    try:
-        committed = admin.list_group_offsets({group: None}).get(group)
-        if not committed:
-            return None
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        end = consumer.end_offsets(tps)
-        return sum(end[tp] - (committed[tp].offset if tp in committed else 0) for tp in tps)
-    finally:
-        admin.close()
-        consumer.close()
+    return kafka_group_lag(s.transaction_alerts_group, [s.transactions_topic], s)
 
 
 # --- sample traffic -----------------------------------------------------------------------

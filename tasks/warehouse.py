@@ -165,10 +165,10 @@ def ensure_loader_tables(con: duckdb.DuckDBPyConnection) -> None:
     run_sql(con, "warehouse/create_load_rejects")
 
 
-def stored_offsets(con: duckdb.DuckDBPyConnection, topic: str) -> dict[int, int]:
-    """Next offset to read per partition, as committed in the warehouse."""
+def stored_offsets(con: duckdb.DuckDBPyConnection, topic: str, sink: str) -> dict[int, int]:
+    """Next offset of `topic` to load into `sink`, per partition, as committed in the warehouse."""
     ensure_loader_tables(con)
-    rows = run_sql(con, "warehouse/read_kafka_offsets", {"topic": topic}).fetchall()
+    rows = run_sql(con, "warehouse/read_kafka_offsets", {"sink": sink, "topic": topic}).fetchall()
     return {partition: next_offset for partition, next_offset in rows}
 
 
@@ -181,16 +181,20 @@ def load_topic(
     settings: Settings | None = None,
     batch_size: int | None = None,
     after_batch: Callable[[LoadResult], None] | None = None,
+    sink: str | None = None,
 ) -> LoadResult:
     """Load `topic` from the offsets stored in the warehouse up to its current end.
 
     Each batch's rows (inserted by the SQL file `insert_sql`, which selects from the
     registered relation `batch`), its rejected records and the new offsets are written in
     one DuckDB transaction: after a crash anywhere, a rerun neither skips nor duplicates.
+    Offsets are kept per `sink` (default: `insert_sql`), so loading one topic into two
+    tables keeps two independent positions.
     """
     s = settings or get_settings()
     size = batch_size or s.loader_batch_size
     result = LoadResult(topic)
+    sink = sink or insert_sql
     ensure_loader_tables(con)
     consumer = make_consumer(settings=s, group_id=None, max_poll_records=min(size, 10_000))
     try:
@@ -200,7 +204,7 @@ def load_topic(
             return result
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
-        start = stored_offsets(con, topic)
+        start = stored_offsets(con, topic, sink)
         earliest = consumer.beginning_offsets(tps)
         for tp in tps:
             offset = start.get(tp.partition, 0)
@@ -220,7 +224,7 @@ def load_topic(
             if not records and positions == result.next_offsets:
                 log.warning("%s: no progress towards end offsets %s; stopping", topic, end)
                 break
-            _write_batch(con, topic, records, to_frame, insert_sql, positions, result)
+            _write_batch(con, sink, topic, records, to_frame, insert_sql, positions, result)
             if after_batch is not None:
                 after_batch(result)
     finally:
@@ -243,7 +247,7 @@ def _poll_batch(consumer, tps, end, size: int, timeout_s: float) -> list[Consume
     return records
 
 
-def _write_batch(con, topic, records, to_frame, insert_sql, positions, result) -> None:
+def _write_batch(con, sink, topic, records, to_frame, insert_sql, positions, result) -> None:
     frame, rejects = to_frame(records) if records else (None, [])
     con.begin()
     try:
@@ -261,7 +265,7 @@ def _write_batch(con, topic, records, to_frame, insert_sql, positions, result) -
             )  # fmt: skip
         con.executemany(
             load_sql("warehouse/upsert_kafka_offset"),
-            [[topic, partition, offset] for partition, offset in positions.items()],
+            [[sink, topic, partition, offset] for partition, offset in positions.items()],
         )
         con.commit()
     except BaseException:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
+from infra import services
 from sources.price_alerts import create_alert
 from sources.trades import produce as send_trades
 from sources.trades import random_walk
-from tasks.kafka import ensure_topics, make_producer, project_topics
+from tasks.kafka import ensure_topics, group_lag, make_producer, project_topics
 from tasks.warehouse import connect, run_sql
 
 ORDER = 10
@@ -36,7 +36,8 @@ def produce(ctx) -> None:
     producer.flush()
     producer.close()
     ctx.add("prices", "trades produced", TRADES + 1)
-    time.sleep(3)  # let the worker fire before the batch run (it would fire the same alerts)
+    # Let the worker fire first (the batch run would fire the same alerts otherwise).
+    services.wait_for(lambda: group_lag(s.price_alerts_group, [s.trades_topic], s) == 0, 60, 0.2)
 
 
 def batch(ctx) -> None:

@@ -7,6 +7,7 @@ from argparse import Namespace
 
 from kafka import TopicPartition
 
+from infra import services
 from sources import transactions as source
 from tasks.kafka import ensure_topics, make_consumer, make_producer, project_topics
 from tasks.transactions import group_lag
@@ -32,9 +33,7 @@ def produce(ctx) -> None:
     producer.close()
     ctx.add("transactions", "transactions produced", TRANSACTIONS + 1)
     # The check tolerates lag, but the summary reads better once the workers caught up.
-    deadline = time.monotonic() + 60
-    while (group_lag(s) or 1) > 0 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    services.wait_for(lambda: group_lag(s) == 0, 60, 0.5)
 
 
 def batch(ctx) -> None:

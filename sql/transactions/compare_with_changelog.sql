@@ -4,7 +4,8 @@
 -- sums exactly those: neither side's lag shows up as a mismatch. Changelog totals the
 -- warehouse has not loaded that far yet are skipped.
 WITH loaded AS (
-    SELECT "partition", next_offset FROM kafka_offsets WHERE topic = $topic
+    SELECT "partition", next_offset FROM kafka_offsets
+    WHERE sink = $sink AND topic = $topic
 ),
 stream AS (
     SELECT c."user", c."partition", c."offset", c.transactions,

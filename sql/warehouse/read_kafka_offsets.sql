@@ -1,1 +1,1 @@
-SELECT "partition", next_offset FROM kafka_offsets WHERE topic = $topic
+SELECT "partition", next_offset FROM kafka_offsets WHERE sink = $sink AND topic = $topic

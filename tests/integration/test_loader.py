@@ -5,10 +5,11 @@ import signal
 import subprocess
 import sys
 
+import polars as pl
 import pytest
 
 from tasks.kafka import TopicSpec, ensure_topics, make_producer
-from tasks.warehouse import connect, load_topic, run_sql, stored_offsets
+from tasks.warehouse import connect, load_topic, raw_events_frame, run_sql, stored_offsets
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +117,29 @@ def test_new_events_after_a_load_are_picked_up_next_time(settings, unique):
     producer.flush()
     second = load_topic(con, topic, insert_sql="warehouse/insert_raw_events")
     assert (first.rows, second.rows) == (50, 30)
-    assert sum(stored_offsets(con, topic).values()) == 80
+    assert sum(stored_offsets(con, topic, "warehouse/insert_raw_events").values()) == 80
     con.close()
     assert _loaded(settings, topic) == list(range(80))
+
+
+def test_two_sinks_of_one_topic_keep_their_own_offsets(settings, unique):
+    topic = f"load-two-sinks-{unique}"
+    _produce(settings, topic, 40)
+    con = connect(settings)
+    run_sql(con, "warehouse/create_raw_events")
+    first = load_topic(con, topic, insert_sql="warehouse/insert_raw_events")
+
+    def relabelled(records):
+        frame, rejects = raw_events_frame(records)
+        return frame.with_columns(pl.lit(f"copy-{topic}").alias("topic")), rejects
+
+    # A second flow loading the same topic into other rows starts from its own position.
+    other = load_topic(
+        con, topic, insert_sql="warehouse/insert_raw_events", to_frame=relabelled, sink="copy"
+    )
+    assert (first.rows, other.rows) == (40, 40)
+    assert stored_offsets(con, topic, "copy") == stored_offsets(
+        con, topic, "warehouse/insert_raw_events"
+    )
+    con.close()
+    assert _loaded(settings, f"copy-{topic}") == list(range(40))

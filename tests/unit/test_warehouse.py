@@ -27,9 +27,11 @@ def test_sql_names_cannot_escape_the_sql_folder():
 def test_values_are_bound_not_formatted(tmp_path):
     con = connect(Settings(_env_file=None), path=tmp_path / "w.duckdb")
     run_sql(con, "warehouse/create_kafka_offsets")
-    run_sql(con, "warehouse/upsert_kafka_offset", ["x'; DROP TABLE kafka_offsets; --", 0, 5])
+    run_sql(con, "warehouse/upsert_kafka_offset", ["s", "x'; DROP TABLE kafka_offsets; --", 0, 5])
     rows = run_sql(
-        con, "warehouse/read_kafka_offsets", {"topic": "x'; DROP TABLE kafka_offsets; --"}
+        con,
+        "warehouse/read_kafka_offsets",
+        {"sink": "s", "topic": "x'; DROP TABLE kafka_offsets; --"},
     )
     assert rows.fetchall() == [(0, 5)]
 
