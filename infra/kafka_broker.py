@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from infra import services
-from tasks.kafka import BrokerUnavailableError, wait_for_broker
+from tasks.kafka import BrokerUnavailableError, wait_for_broker, wait_for_group_coordinator
 from tasks.settings import Settings, get_settings
 
 NAME = "kafka"
@@ -169,6 +169,7 @@ def ensure_running(settings: Settings | None = None, timeout_s: float = 90.0) ->
             f"Kafka did not come up at {s.kafka_bootstrap_servers} within {timeout_s:g}s; "
             f"last lines of {services.log_path(NAME)}:\n{services.log_tail(NAME)}"
         )
+    wait_for_group_coordinator(s)
     return True
 
 

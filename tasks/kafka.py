@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -157,6 +158,16 @@ def wait_for_broker(settings: Settings | None = None) -> None:
     admin.close()
 
 
+def wait_for_group_coordinator(settings: Settings | None = None) -> None:
+    """Return once consumer groups work (a fresh broker creates their topic on first use)."""
+    s = settings or get_settings()
+    admin = make_admin(s)
+    try:
+        list_group_offsets(admin, {f"{s.kafka_client_id}-warm-up": None}, s.kafka_timeout_s * 4)
+    finally:
+        admin.close()
+
+
 # --- topics -------------------------------------------------------------------------------
 
 
@@ -228,6 +239,22 @@ def partitions_of(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
 
 
+def list_group_offsets(
+    admin: KafkaAdminClient, groups: dict[str, list[TopicPartition] | None], timeout_s: float = 30
+) -> dict[str, dict[TopicPartition, Any]]:
+    """The groups' committed offsets, retrying retriable errors: on a fresh broker the group
+    coordinator (the `__consumer_offsets` topic) is created on first use and briefly answers
+    COORDINATOR_NOT_AVAILABLE."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return admin.list_group_offsets(groups)
+        except KafkaError as error:
+            if not error.retriable or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
 def committed_lag(
     admin: KafkaAdminClient, consumer: KafkaConsumer, groups: dict[str, list[TopicPartition]]
 ) -> dict[TopicPartition, int]:
@@ -239,7 +266,7 @@ def committed_lag(
     end = consumer.end_offsets(tps)
     start = consumer.beginning_offsets(tps)
     committed: dict[TopicPartition, Any] = {}
-    for offsets in admin.list_group_offsets(groups).values():
+    for offsets in list_group_offsets(admin, groups).values():
         committed.update(offsets or {})
     lag = {}
     for tp in tps:
@@ -255,7 +282,7 @@ def group_lag(group: str, topics: list[str], settings: Settings | None = None) -
     admin = make_admin(s)
     consumer = make_consumer(settings=s, group_id=None)
     try:
-        if not admin.list_group_offsets({group: None}).get(group):
+        if not list_group_offsets(admin, {group: None}).get(group):
             return None
         tps = [tp for topic in topics for tp in partitions_of(consumer, topic)]
         return sum(committed_lag(admin, consumer, {group: tps}).values())

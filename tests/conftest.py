@@ -16,6 +16,9 @@ import pytest
 
 from tasks.settings import Settings, get_settings
 
+# No telemetry calls from the test harness (the network here is closed anyway).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 
 @pytest.fixture(scope="session")
 def kafka_broker() -> Iterator[str]:
