@@ -157,7 +157,7 @@ def notifications_frame(records: list[ConsumerRecord]) -> tuple[pl.DataFrame, Re
             average = value.get("average_price")
             if average is not None:
                 decimal_units(average, "average_price")
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeError, RecursionError) as error:
             rejects.append((record, str(error)))
             continue
         rows.append(
@@ -208,19 +208,28 @@ def load_price_topics(con: duckdb.DuckDBPyConnection, s: Settings) -> dict[str, 
 def window_average(
     con: duckdb.DuckDBPyConnection, product_id: str, start_us: int, end_us: int
 ) -> tuple[int, int | None]:
-    """(trade count, average in 10^-8 units or None) over [start_us, end_us]."""
-    count, _sum, average_units, _price = run_sql(
+    """(trade count, rounded average in 10^-8 units or None) over [start_us, end_us]."""
+    count, average_units, _reached = window_figures(con, product_id, start_us, end_us)
+    return count, average_units
+
+
+def window_figures(
+    con: duckdb.DuckDBPyConnection, product_id: str, start_us: int, end_us: int
+) -> tuple[int, int | None, int | None]:
+    """(count, rounded average units, floor(sum / count) units: what thresholds compare to)."""
+    count, _sum, average_units, _price, reached = run_sql(
         con, "prices/window_average",
         {"product_id": product_id, "start_us": start_us, "end_us": end_us},
     ).fetchone()  # fmt: skip
-    return count, None if average_units is None else int(average_units)
+    if average_units is None:
+        return count, None, None
+    return count, int(average_units), int(reached)
 
 
-def alerts_to_fire(
-    con: duckdb.DuckDBPyConnection, product_id: str, average_units: int
-) -> list[AlertRow]:
+def alerts_to_fire(con: duckdb.DuckDBPyConnection, product_id: str, reached: int) -> list[AlertRow]:
+    """Unfired live alerts with threshold <= `reached` = floor(sum / count) (exact rule)."""
     rows = run_sql(
-        con, "prices/alerts_to_fire", {"product_id": product_id, "average_units": average_units}
+        con, "prices/alerts_to_fire", {"product_id": product_id, "reached_units": reached}
     ).fetchall()
     return [AlertRow(a, u, p, int(t), text, c or "") for a, u, p, t, text, c in rows]
 
@@ -241,6 +250,7 @@ def fire_alerts(
     average_units: int,
     window_end_us: int,
     logger: logging.Logger | logging.LoggerAdapter,
+    reached: int,
 ) -> list[dict[str, Any]]:
     """Fire the due alerts once, even while a stream worker fires the same product's alerts.
 
@@ -251,7 +261,8 @@ def fire_alerts(
     that fired first is visible in that re-read; a worker that tries after us is fenced
     until our transaction is over, and re-reads before deciding again.
     """
-    if not alerts_to_fire(con, product_id, average_units):
+    # `reached` = floor(sum / count) decides; `average_units` (rounded) is only reported.
+    if not alerts_to_fire(con, product_id, reached):
         return []
     partition = trades_partition(s, product_id)
     if partition is None:
@@ -266,7 +277,7 @@ def fire_alerts(
         try:
             producer.init_transactions()
             load_alert_state(con, s)  # the re-check, after the fence
-            due = alerts_to_fire(con, product_id, average_units)
+            due = alerts_to_fire(con, product_id, reached)
             if not due:
                 logger.info("every due alert was fired by the stream side meanwhile")
                 return []
@@ -294,8 +305,10 @@ def fire_alerts(
 
 
 @task(cache_policy=NO_CACHE)
-def fire_due_alerts(con, s: Settings, product_id: str, average_units: int, window_end_us: int):
-    return fire_alerts(con, s, product_id, average_units, window_end_us, get_run_logger())
+def fire_due_alerts(
+    con, s: Settings, product_id: str, average_units: int, window_end_us: int, reached: int
+):
+    return fire_alerts(con, s, product_id, average_units, window_end_us, get_run_logger(), reached)
 
 
 # --- the flow -----------------------------------------------------------------------------
@@ -315,13 +328,13 @@ def ten_minute_average(as_of: datetime | None = None, product_id: str = "BTC-USD
     with writing(settings) as con:
         ensure_tables(con)
         loaded = load_price_topics(con, settings)
-        count, average_units = window_average(con, product_id, start_us, end_us)
+        count, average_units, reached = window_figures(con, product_id, start_us, end_us)
         if average_units is None:
             logger.info("%s: no trades in [%s, %s]: empty window, nothing fires",
                         product_id, time_from_us(start_us), end)  # fmt: skip
             fired: list[dict[str, Any]] = []
         else:
-            fired = fire_due_alerts(con, settings, product_id, average_units, end_us)
+            fired = fire_due_alerts(con, settings, product_id, average_units, end_us, reached)
         average = None if average_units is None else format_units(average_units)
         run_sql(con, "prices/insert_average_history", {
             "product_id": product_id, "as_of": end, "window_start": time_from_us(start_us),

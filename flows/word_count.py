@@ -87,6 +87,9 @@ def join_shards(run: RunInfo, counted: list[ShardCount]) -> dict[str, Any]:
         run_sql(con, "words/create_word_count_runs")
         con.begin()
         try:
+            # A retry of a run that failed after this commit (same run_id) replaces its rows.
+            run_sql(con, "words/delete_run_counts", {"run_id": run.run_id})
+            run_sql(con, "words/delete_run", {"run_id": run.run_id})
             con.register("shard_counts", shard_counts)
             run_sql(con, "words/insert_word_counts", {"run_id": run.run_id})
             con.unregister("shard_counts")
@@ -132,6 +135,7 @@ def join_shards(run: RunInfo, counted: list[ShardCount]) -> dict[str, Any]:
         "shards": request.shards,
         "task_runner": run.task_runner,
         "tokens": tokens,
+        "total_tokens": tokens,  # the name; "tokens" kept for existing readers
         "distinct_words": distinct,
         "words": {word: count for word, count, _ in requested},
         "ranks": {word: rank for word, _, rank in requested},

@@ -33,6 +33,10 @@ def validate_alert(user_id: Any, product_id: Any, threshold: Any) -> None:
     if not isinstance(user_id, str) or not user_id.strip():
         raise ValueError(f"user: {user_id!r} must be a non-empty string")
     try:
+        user_id.encode()  # the notification key
+    except UnicodeEncodeError:
+        raise ValueError(f"user: {user_id!r} is not valid Unicode text") from None
+    try:
         check_product_id(product_id, "product")
         if isinstance(threshold, float):
             raise InvalidRecord(
@@ -69,7 +73,8 @@ def create_alert(
         producer = make_producer(s)
     try:
         message = alert.message()
-        message["threshold"] = threshold.strip() if isinstance(threshold, str) else str(threshold)
+        # The validated value as plain digits (never an exponent form such as "6.5E+3").
+        message["threshold"] = format(alert.threshold, "f")
         producer.send(s.price_alerts_topic, key=alert.alert_id, value=message)
         if own:
             producer.flush()
@@ -88,6 +93,7 @@ def delete_alert(
     s = settings or get_settings()
     own = producer is None
     if own:
+        _ensure(s)
         producer = make_producer(s)
     try:
         producer.send(s.price_alerts_topic, key=alert_id, value=None)

@@ -288,7 +288,7 @@ class Lane:
     def _accept(self, record: ConsumerRecord) -> Job | None:
         """The record's job, unless it is malformed (-> DLQ) or already has a result."""
         try:
-            job = parse_job(record.value, self.processor, self.priority)
+            job = parse_job(record.value, self.processor, self.priority, record.key)
         except BadJobMessage as error:
             send_to_dlq(self.producer, record, str(error), self.settings)
             self.stats["dlq"] += 1

@@ -76,6 +76,11 @@ class PriceAlertsWorker:
         self.assigned: set[TopicPartition] = set()
         self.consumer: KafkaConsumer | None = None
         self.alerts_consumer: KafkaConsumer | None = None
+        # Bad alert records go to `<price-alerts>.dlq` through a plain producer; the highest
+        # offset dead-lettered per partition keeps a rebuild (re-reading the topic from the
+        # beginning) from sending them again. A new process sends them again (at least once).
+        self.dlq_producer: KafkaProducer | None = None
+        self.alerts_dead_lettered: dict[int, int] = {}
         # Test seam: called inside each transaction right before its commit.
         self.before_commit: Callable[[], None] | None = None
 
@@ -100,6 +105,7 @@ class PriceAlertsWorker:
         )
         self.consumer.subscribe([s.trades_topic])
         self.alerts_consumer = make_consumer(settings=s, group_id=None)
+        self.dlq_producer = make_producer(s)
         partitions = self.alerts_consumer.partitions_for_topic(s.price_alerts_topic) or set()
         self.alerts_consumer.assign(
             [TopicPartition(s.price_alerts_topic, p) for p in sorted(partitions)]
@@ -109,6 +115,8 @@ class PriceAlertsWorker:
         for producer in self.producers.values():
             producer.close(timeout=5)
         self.producers.clear()
+        if self.dlq_producer is not None:
+            self.dlq_producer.close(timeout=5)
         for consumer in (self.consumer, self.alerts_consumer):
             if consumer is not None:
                 consumer.close(autocommit=False)
@@ -153,11 +161,14 @@ class PriceAlertsWorker:
         try:
             alert = parse_alert(record.key, record.value)
         except InvalidRecord as error:
-            # Not ours to dead-letter on every rebuild: the batch loader records it in
-            # load_rejects; here it is counted and logged once per read.
             self.stats["bad_alerts"] += 1
-            log.warning("ignoring bad alert at %s[%d]@%d: %s",
-                        record.topic, record.partition, record.offset, error)  # fmt: skip
+            if record.offset > self.alerts_dead_lettered.get(record.partition, -1):
+                assert self.dlq_producer is not None
+                send_to_dlq(self.dlq_producer, record, str(error), self.s)
+                self.alerts_dead_lettered[record.partition] = record.offset
+                self.stats["alerts_dlq"] += 1
+                log.warning("bad alert at %s[%d]@%d to the DLQ: %s",
+                            record.topic, record.partition, record.offset, error)  # fmt: skip
             return
         if alert is None:
             self.state.alerts.remove(record.key.decode())

@@ -279,7 +279,14 @@ class TransactionAlertsWorker:
             # this batch is visible. Abort, then go back to the last committed state.
             log.warning("batch aborted (%s: %s); rewinding to the last commit",
                         type(error).__name__, error)  # fmt: skip
-            self.producer.abort_transaction()  # raises if the producer is unusable: exit
+            try:
+                self.producer.abort_transaction()
+            except Exception as abort_error:  # unusable producer (e.g. a broker outage)
+                # "A broker restart: reconnect and go on": replace it like a fenced one.
+                log.warning("abort failed (%s); recreating the producer",
+                            type(abort_error).__name__)  # fmt: skip
+                self.producer.close(timeout=0)
+                self.producer = self._make_producer()
             self.stats.aborted += 1
             self._rewind()
             return False

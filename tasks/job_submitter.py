@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -63,6 +63,17 @@ class SubmitterClosed(RuntimeError):
     pass
 
 
+def wait_for_partitions(consumer, topic: str, timeout_s: float) -> list[TopicPartition]:
+    """The topic's partitions. Right after the topic is created the metadata may not list
+    them yet: assigning none would time every job out silently, so retry, then fail clearly."""
+    deadline = time.monotonic() + timeout_s
+    while not (partitions := consumer.partitions_for_topic(topic)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no partitions for topic {topic!r} after {timeout_s:g}s")
+        time.sleep(0.1)  # a metadata retry back-off, not a stand-in for synchronisation
+    return [TopicPartition(topic, p) for p in sorted(partitions)]
+
+
 class Submitter:
     def __init__(
         self,
@@ -100,7 +111,12 @@ class Submitter:
         self._producer = make_producer(s, linger_ms=0)
         self._results = make_consumer(settings=s, group_id=None, fetch_max_wait_ms=50)
         results_topic = s.job_results_topic(processor)
-        tps = [TopicPartition(results_topic, p) for p in self._results.partitions_for_topic(results_topic)]  # fmt: skip
+        try:
+            tps = wait_for_partitions(self._results, results_topic, s.kafka_timeout_s)
+        except RuntimeError:
+            self._producer.close(timeout=0)
+            self._results.close()
+            raise
         self._results.assign(tps)
         self._results.seek_to_end(*tps)
         for tp in tps:  # resolve the end now: no result of a job sent from here is missed
@@ -333,5 +349,7 @@ class Submitter:
                 del self._pending[entry.job.id]
             entry.batch.waiting.discard(entry.job.id)
             entry.status = result.status
-        if not entry.future.done():
+        try:
             entry.future.set_result(result)
+        except InvalidStateError:  # a result and an expiry raced: the first one stands
+            pass

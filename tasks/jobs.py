@@ -18,6 +18,7 @@ from uuid import UUID, uuid4
 import polars as pl
 from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import to_jsonable_python
 
 from tasks.settings import Settings
 
@@ -121,9 +122,14 @@ def _error(job: Job, reason: str, at: datetime) -> JobResult:
 def _outcome(job: Job, outcome: Mapping[str, Any] | Exception | None, at: datetime) -> JobResult:
     if isinstance(outcome, Exception):
         return _error(job, f"{type(outcome).__name__}: {outcome}", at)
-    return JobResult(
-        job_id=job.id, status=JobStatus.PROCESSED_OK, data=dict(outcome or {}), processed_at=at
-    )
+    try:
+        # The data as its JSON will carry it: a handler returning a non-mapping, non-string
+        # keys or an unserialisable value fails its job here, not the daemon or the flow
+        # (which would crash again on the redelivery).
+        data = to_jsonable_python(dict(outcome or {}))
+        return JobResult(job_id=job.id, status=JobStatus.PROCESSED_OK, data=data, processed_at=at)
+    except Exception as error:
+        return _error(job, f"handler returned bad data: {type(error).__name__}: {error}", at)
 
 
 def _run_one(handler: Handler, job: Job) -> Mapping[str, Any] | Exception | None:
@@ -193,11 +199,15 @@ class BadJobMessage(ValueError):
     """A job message that cannot be parsed or validated; the text is the DLQ reason."""
 
 
-def parse_job(raw: bytes | None, processor: str, priority: Priority) -> Job:
-    """A job read from `jobs.<processor>.<priority>`.
+def parse_job(
+    raw: bytes | None, processor: str, priority: Priority, key: bytes | None = None
+) -> Job:
+    """A job read from `jobs.<processor>.<priority>` (`key`: the message key, if any).
 
     The topic names the processor and the priority: a message may leave them out, but a
     message that contradicts its topic is refused (it would be processed at the wrong rank).
+    The id is required (a default one would differ on each redelivery, defeating the
+    idempotency by job id), and a message key, when present, must be that id.
     """
     if raw is None:
         raise BadJobMessage("empty message (null value)")
@@ -207,6 +217,8 @@ def parse_job(raw: bytes | None, processor: str, priority: Priority) -> Job:
         raise BadJobMessage(f"not JSON: {error}") from error
     if not isinstance(payload, dict):
         raise BadJobMessage(f"not a JSON object: {type(payload).__name__}")
+    if payload.get("id") is None:
+        raise BadJobMessage("missing id")
     payload.setdefault("processor", processor)
     payload.setdefault("priority", priority.value)
     try:
@@ -220,6 +232,8 @@ def parse_job(raw: bytes | None, processor: str, priority: Priority) -> Job:
         raise BadJobMessage(f"job for processor {job.processor!r} on a {processor!r} topic")
     if job.priority != priority:
         raise BadJobMessage(f"{job.priority.value} job on the {priority.value} topic")
+    if key is not None and key.decode("utf-8", "replace").strip().lower() != str(job.id):
+        raise BadJobMessage(f"message key {key!r} is not the job id {job.id}")
     return job
 
 
@@ -256,7 +270,7 @@ def ledger_frame(
     rejects: list[tuple[ConsumerRecord, str]] = []
     for record in records:
         try:
-            job = parse_job(record.value, processor, priority)
+            job = parse_job(record.value, processor, priority, record.key)
         except BadJobMessage as error:
             rejects.append((record, str(error)))
             continue

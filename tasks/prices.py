@@ -9,9 +9,10 @@ Exactness, the rule both sides apply identically:
 - prices and thresholds are positive decimal strings with at most 8 decimal places and
   below 10^10 (they fit DuckDB DECIMAL(18,8)); internally integers of 10^-8 units;
 - the window of `T` is every trade with `T - window <= time <= T` (inclusive at both ends);
-- average = sum / count, rounded half-to-even to 8 decimal places (`window_average_units`);
-- an alert fires when that rounded average >= its threshold (the value published in the
-  notification is the value compared).
+- an alert fires when the EXACT average >= its threshold: sum >= threshold * count, which
+  for a threshold of whole units is floor(sum / count) >= threshold (`reached_units`);
+- the reported `average_price` is sum / count rounded half-to-even to 8 places
+  (`window_average_units`); it is never what is compared (it may round up to the threshold).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation, localcontext
+from decimal import Decimal, localcontext
 from typing import Any, Literal, NamedTuple
 
 from kafka.partitioner.default import murmur2
@@ -32,7 +33,7 @@ PRICE_SCALE = 8  # decimal places kept for prices, thresholds, sizes and average
 UNITS = 10**PRICE_SCALE
 MAX_UNITS = 10**18 - 1  # DECIMAL(18,8)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-PRODUCT_ID = re.compile(r"^[A-Z0-9]{2,12}-[A-Z0-9]{2,12}$")
+PRODUCT_ID = re.compile(r"[A-Z0-9]{2,12}-[A-Z0-9]{2,12}")  # used with fullmatch
 SIDES = ("buy", "sell")
 TRADE_FIELDS = ("trade_id", "product_id", "price", "size", "side", "time")
 
@@ -44,7 +45,10 @@ class InvalidRecord(ValueError):
 # --- field rules (shared by the fast parsers and the pydantic models) ----------------------
 
 
-_PLAIN = re.compile(r"(\d{1,10})(?:\.(\d{1,8}))?")
+_PLAIN = re.compile(r"([0-9]{1,10})(?:\.([0-9]{1,8}))?")
+# The contract's shape: ASCII digits with an optional fraction (no exponent, no "_").
+_SHAPE = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
+_NOT_FINITE = {"nan", "snan", "inf", "infinity"}
 
 
 def decimal_units(value: Any, name: str) -> int:
@@ -62,23 +66,25 @@ def decimal_units(value: Any, name: str) -> int:
     if not isinstance(value, str):
         # JSON numbers would have gone through binary floats somewhere: the contract is strings.
         raise InvalidRecord(f"{name}: {value!r} is not a decimal string")
-    try:
-        number = Decimal(value.strip())
-    except InvalidOperation:
-        raise InvalidRecord(f"{name}: {value!r} is not a decimal") from None
-    if not number.is_finite():
-        raise InvalidRecord(f"{name}: {value!r} is not a finite decimal")
+    text = value.strip()
+    if _SHAPE.fullmatch(text) is None:
+        if text.lstrip("+-").lower() in _NOT_FINITE:
+            raise InvalidRecord(f"{name}: {value!r} is not a finite decimal")
+        raise InvalidRecord(
+            f"{name}: {value!r} is not a decimal (ASCII digits with an optional fraction)"
+        )
+    number = Decimal(text)  # cannot fail on that shape
     if number <= 0:
         raise InvalidRecord(f"{name}: {value!r} is not positive")
+    # The magnitude before quantize: with <= 10 integer digits it stays within the context
+    # precision (28), where quantize of a huge value would raise InvalidOperation.
+    if number.adjusted() >= 10:
+        raise InvalidRecord(f"{name}: {value!r} is too large (limit 9999999999.99999999)")
     exponent = number.as_tuple().exponent
     assert isinstance(exponent, int)  # finite
     if exponent < -PRICE_SCALE and number != number.quantize(Decimal(1).scaleb(-PRICE_SCALE)):
         raise InvalidRecord(f"{name}: {value!r} has more than {PRICE_SCALE} decimal places")
-    # Check the magnitude before converting: int() of a huge exponent is slow.
-    units = int(number.scaleb(PRICE_SCALE)) if number.adjusted() < 10 else MAX_UNITS + 1
-    if units > MAX_UNITS:
-        raise InvalidRecord(f"{name}: {value!r} is too large (limit 9999999999.99999999)")
-    return units
+    return int(number.scaleb(PRICE_SCALE))
 
 
 def format_units(units: int) -> str:
@@ -116,7 +122,7 @@ def to_us(moment: datetime) -> int:
 
 
 def check_product_id(value: Any, name: str = "product_id") -> str:
-    if not isinstance(value, str) or not PRODUCT_ID.match(value):
+    if not isinstance(value, str) or not PRODUCT_ID.fullmatch(value):
         raise InvalidRecord(
             f"{name}: {value!r} is not a product id like 'BTC-USD' (upper-case BASE-QUOTE)"
         )
@@ -147,9 +153,14 @@ def exact_average(prices: list[Decimal]) -> Decimal | None:
         return mean.quantize(Decimal(1).scaleb(-PRICE_SCALE), rounding="ROUND_HALF_EVEN")
 
 
-def fires(average_units: int | None, threshold_units: int) -> bool:
-    """The firing rule: the (rounded) window average reached the threshold."""
-    return average_units is not None and average_units >= threshold_units
+def reached_units(sum_units: int, count: int) -> int | None:
+    """floor(sum / count): an alert fires iff its threshold <= this; None when empty."""
+    return None if count <= 0 else sum_units // count
+
+
+def fires(sum_units: int, count: int, threshold_units: int) -> bool:
+    """The firing rule: the exact window average sum / count reached the threshold."""
+    return count > 0 and sum_units >= threshold_units * count
 
 
 def product_partition(product_id: str, partitions: int) -> int:
@@ -212,9 +223,19 @@ def parse_trade(raw: bytes | None) -> TradeRow:
         raise InvalidRecord("empty (null) trade message")
     try:
         value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeError, RecursionError) as error:  # RecursionError: deep nesting
         raise InvalidRecord(f"not UTF-8 JSON: {error}") from None
-    return parse_trade_value(value)
+    return _checked(parse_trade_value, value)
+
+
+def _checked(parse: Any, *args: Any) -> Any:
+    """`parse(*args)`, any error of an unforeseen bad value turned into InvalidRecord."""
+    try:
+        return parse(*args)
+    except InvalidRecord:
+        raise
+    except (ValueError, ArithmeticError, RecursionError, UnicodeError) as error:
+        raise InvalidRecord(f"invalid record: {type(error).__name__}: {error}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +259,11 @@ def parse_alert_value(value: Any, key: str | None = None) -> AlertRow:
     alert_id, user_id = value["alert_id"], value["user_id"]
     if not isinstance(alert_id, str) or not isinstance(user_id, str):
         raise InvalidRecord("alert_id and user_id must be strings")
+    for name, text in (("alert_id", alert_id), ("user_id", user_id)):
+        try:
+            text.encode()  # they become Kafka keys: a lone surrogate cannot
+        except UnicodeEncodeError:
+            raise InvalidRecord(f"{name}: {text!r} is not valid Unicode text") from None
     if key is not None and key != alert_id:
         raise InvalidRecord(f"key {key!r} differs from alert_id {alert_id!r}")
     threshold = value["threshold"]
@@ -259,9 +285,9 @@ def parse_alert(key: bytes | None, raw: bytes | None) -> AlertRow | None:
         if raw is None:
             return None
         value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeError, RecursionError) as error:  # RecursionError: deep nesting
         raise InvalidRecord(f"not UTF-8 JSON: {error}") from None
-    return parse_alert_value(value, key_text)
+    return _checked(parse_alert_value, value, key_text)
 
 
 # --- the public models (messages on the topics) --------------------------------------------
@@ -436,6 +462,9 @@ class ProductWindow:
     def average_units(self) -> int | None:
         return window_average_units(self.sum_units, len(self.trades))
 
+    def reached_units(self) -> int | None:
+        return reached_units(self.sum_units, len(self.trades))
+
 
 class AlertBook:
     """Live alerts per product, sorted by threshold: finding the due ones is O(log n)."""
@@ -480,14 +509,14 @@ class AlertBook:
             self._sorted[product_id] = ([t for t, _ in pairs], [i for _, i in pairs])
         return self._sorted[product_id]
 
-    def due(self, product_id: str, average_units: int | None) -> list[AlertRow]:
-        """The alerts of `product_id` whose threshold the average reached (not removed)."""
-        if average_units is None:
+    def due(self, product_id: str, reached: int | None) -> list[AlertRow]:
+        """The alerts of `product_id` with threshold <= `reached` (`reached_units`: exact)."""
+        if reached is None:
             return []
         thresholds, ids = self._index(product_id)
-        if not thresholds or thresholds[0] > average_units:
+        if not thresholds or thresholds[0] > reached:
             return []  # the common case: O(1)
-        upto = bisect.bisect_right(thresholds, average_units)
+        upto = bisect.bisect_right(thresholds, reached)
         return [self.alerts[alert_id] for alert_id in ids[:upto]]
 
 
@@ -526,7 +555,7 @@ class PriceState:
         if not window.add(trade.time_us, trade.price_units):
             return Evaluation(trade.product_id, False, window.watermark_us, window.count, None, [])
         average = window.average_units()
-        fired = self.alerts.due(trade.product_id, average)
+        fired = self.alerts.due(trade.product_id, window.reached_units())
         for alert in fired:
             self.alerts.remove(alert.alert_id)
         return Evaluation(trade.product_id, True, window.watermark_us, window.count, average, fired)

@@ -32,7 +32,7 @@ from tasks.kafka import group_lag as kafka_group_lag
 from tasks.settings import Settings, get_settings
 
 MAX_USER_LENGTH = 200  # a user name longer than this is not a name but bad input
-_AMOUNT = re.compile(r"([+-]?)(\d{1,40})(?:\.(\d{1,40}))?")
+_AMOUNT = re.compile(r"([+-]?)([0-9]{1,40})(?:\.([0-9]{1,40}))?")  # ASCII digits only
 
 Rejects = list[tuple[ConsumerRecord, str]]
 
@@ -107,7 +107,7 @@ class Transaction:
 
     def as_value(self) -> dict[str, str]:
         """The message value of the `transactions` contract."""
-        return {"user": self.user, "amount": str(self.amount), "time": self.time}
+        return {"user": self.user, "amount": format(self.amount, "f"), "time": self.time}
 
 
 # --- exact decimals -----------------------------------------------------------------------
@@ -138,11 +138,21 @@ def format_minor(minor: int, scale: int) -> str:
 
 def validate(key: bytes | None, value: bytes | None, rules: Rules) -> tuple[str, int, str]:
     """`(user, amount in minor units, time)` of a raw message, or Invalid with the reason."""
+    try:
+        return _validate(key, value, rules)
+    except Invalid:
+        raise
+    except (ValueError, ArithmeticError, RecursionError, UnicodeError) as error:
+        # Whatever a bad message trips on, it is a reason for the DLQ, never a crash.
+        raise Invalid(f"invalid message: {type(error).__name__}: {error}") from None
+
+
+def _validate(key: bytes | None, value: bytes | None, rules: Rules) -> tuple[str, int, str]:
     if value is None:
         raise Invalid("empty message (null value)")
     try:
         data = json.loads(value)
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeError, ValueError, RecursionError) as error:  # RecursionError: deep nesting
         raise Invalid(f"not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise Invalid(f"not a JSON object but {type(data).__name__}")
@@ -155,6 +165,10 @@ def validate(key: bytes | None, value: bytes | None, rules: Rules) -> tuple[str,
         raise Invalid("blank user")
     if len(user) > MAX_USER_LENGTH:
         raise Invalid(f"user longer than {MAX_USER_LENGTH} characters")
+    try:
+        user_key = user.encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") cannot be a Kafka key
+        raise Invalid(f"user {user[:40]!r} is not valid Unicode text") from None
     amount = data.get("amount")
     if amount is None:
         raise Invalid("missing amount")
@@ -171,11 +185,13 @@ def validate(key: bytes | None, value: bytes | None, rules: Rules) -> tuple[str,
         parsed = datetime.fromisoformat(at)
     except ValueError:
         raise Invalid(f"time {at[:40]!r} is not ISO-8601") from None
-    if parsed.tzinfo is None:
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise Invalid(f"time {at!r} has no time zone (times are UTC)")
+    if parsed.utcoffset():  # another offset (+05:00): the outputs' times are ISO-8601 UTC
+        at = parsed.astimezone(UTC).isoformat()
     if key is None:
         raise Invalid("missing key (the key must be the user)")
-    if key != user.encode():
+    if key != user_key:
         raise Invalid("key does not match user")
     return user, minor, at
 
@@ -223,7 +239,7 @@ def parse_records(
 
 def frame_of(transactions: Iterable[Transaction], rules: Rules) -> pl.DataFrame:
     """A batch frame from Transaction objects (offsets = their order, partition 0)."""
-    rows = [(t.user, to_minor(str(t.amount), rules.scale), t.time) for t in transactions]
+    rows = [(t.user, to_minor(format(t.amount, "f"), rules.scale), t.time) for t in transactions]
     return pl.DataFrame(
         {
             "partition": [0] * len(rows),

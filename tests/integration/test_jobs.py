@@ -19,7 +19,7 @@ from kafka import TopicPartition
 import flows.slow_jobs as slow_jobs_module
 from flows.slow_jobs import slow_job_batches
 from tasks.job_queues import PendingWork
-from tasks.job_submitter import Submitter
+from tasks.job_submitter import Submitter, wait_for_partitions
 from tasks.jobs import Job, JobResult, JobStatus, Priority, parse_result
 from tasks.kafka import decode_json, ensure_topics, job_topics, make_consumer, make_producer
 from tasks.payments import open_upstream
@@ -164,7 +164,9 @@ def test_slow_batches_wait_while_normal_jobs_are_pending(prefect_api, jobs_setti
     ]
     for job in slow:
         producer.send(jobs_settings.jobs_topic(PROCESSOR, "slow"), key=str(job.id), value=job)
-    producer.send(jobs_settings.jobs_topic(PROCESSOR, "slow"), key="bad", value={"group": 7})
+    bad_id = str(payment().id)
+    producer.send(jobs_settings.jobs_topic(PROCESSOR, "slow"), key=bad_id,
+                  value={"id": bad_id, "group": 7})  # fmt: skip
     waiting = payment()  # no daemon runs: this NORMAL job stays pending
     producer.send(jobs_settings.jobs_topic(PROCESSOR, "normal"), key=str(waiting.id), value=waiting)
     producer.flush()
@@ -251,6 +253,20 @@ def test_the_whole_batch_times_out_when_the_processor_is_down(jobs_settings):
         started = time.monotonic()
         assert submitter.submit(payment(), "REALTIME").status is JobStatus.TIMED_OUT
         assert 1.0 <= time.monotonic() - started < 4.0
+
+
+def test_the_submitter_waits_for_result_partitions_and_fails_clearly(jobs_settings):
+    consumer = make_consumer(settings=jobs_settings, group_id=None)
+    try:
+        results_topic = jobs_settings.job_results_topic(PROCESSOR)
+        assert wait_for_partitions(consumer, results_topic, 5) == [
+            TopicPartition(results_topic, p) for p in sorted(consumer.partitions_for_topic(results_topic))
+        ]  # fmt: skip
+        missing = f"{results_topic}.never-created"  # the broker does not auto-create topics
+        with pytest.raises(RuntimeError, match=r"no partitions for topic .*never-created"):
+            wait_for_partitions(consumer, missing, 0.3)
+    finally:
+        consumer.close()
 
 
 def test_a_kill_between_handler_and_commit_gives_one_result_and_one_call(jobs_settings, daemon):

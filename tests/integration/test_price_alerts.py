@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from sources.price_alerts import create_alert, delete_alert
+from tasks.kafka import make_consumer, make_producer
+from tasks.prices import fire_transactional_id
 from tests.conftest import subprocess_env
 from tests.helpers import eventually
 from tests.integration.prices_support import (
@@ -81,6 +83,35 @@ def test_worker_fires_once_tombstones_and_dead_letters(settings, unique):
                      "not an ISO-8601 time", "too late", "not UTF-8 JSON"):  # fmt: skip
         assert any(expected in r for r in reasons), (expected, reasons)
     assert all(v["topic"] == settings.trades_topic for _k, v in dead)
+
+
+def test_bad_alerts_are_dead_lettered_once_even_across_a_rebuild(settings, unique):
+    group = f"pa-bad-{unique}"
+    create_alert("ann", "BTC-USD", "1", alert_id="good")
+    produce_raw(settings, settings.price_alerts_topic, "bad-before", b"\xff not json")
+    with WorkerThread(settings, group) as worker:
+        eventually(lambda: worker.stats["bad_alerts"] >= 1 and "good" in worker.state.alerts, 30)
+        produce_raw(settings, settings.price_alerts_topic, "bad-live", b'{"alert_id": 1}')
+        eventually(lambda: worker.stats["bad_alerts"] >= 2, 30, 0.05)
+        # Fence the worker's transactional ids (as a batch firing does): it rebuilds, which
+        # re-reads the alert topic from the beginning, bad records included.
+        consumer = make_consumer(settings=settings, group_id=None)
+        partitions = consumer.partitions_for_topic(settings.trades_topic)
+        consumer.close()
+        for partition in partitions:
+            fencer = make_producer(settings, transactional_id=fire_transactional_id(
+                settings.price_fire_transactional_prefix, settings.trades_topic, partition))  # fmt: skip
+            fencer.init_transactions()
+            fencer.close()
+        produce(settings, settings.trades_topic, [("BTC-USD", trade(1, "BTC-USD", "2", T0))])
+        eventually(lambda: worker.stats["rebuilds"] >= 2 and worker.stats["fired"] >= 1, 60)
+        assert worker.stats["bad_alerts"] >= 4  # both read again by the rebuild
+    dead = read_all(settings, settings.dlq_topic(settings.price_alerts_topic))
+    assert sorted(k for k, _v in dead) == ["bad-before", "bad-live"]
+    reasons = {k: v["reason"] for k, v in dead}
+    assert "not UTF-8 JSON" in reasons["bad-before"]
+    assert "missing field(s)" in reasons["bad-live"]
+    assert all(v["topic"] == settings.price_alerts_topic for _k, v in dead)
 
 
 def _start_worker(group: str, log: Path) -> subprocess.Popen:

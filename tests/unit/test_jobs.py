@@ -1,6 +1,8 @@
 """Job models, parsing, handlers and the payments example, without services."""
 
 import json
+import threading
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import SimpleNamespace
@@ -9,6 +11,7 @@ from uuid import uuid4
 import pytest
 
 from flows.slow_jobs import validate_parameters
+from tasks.job_submitter import Submitter, _Batch, _Pending
 from tasks.jobs import (
     BadJobMessage,
     Job,
@@ -33,6 +36,8 @@ from tasks.payments import (
     payment_submit,
 )
 from tasks.settings import Settings
+
+ID = str(uuid4()).encode()
 
 
 def _job(**fields) -> Job:
@@ -75,16 +80,29 @@ def test_parse_job_takes_processor_and_priority_from_the_topic():
         (b"{not json", "not JSON"),
         (b"[1, 2]", "not a JSON object"),
         (b'{"id": "nope", "group": "g"}', "id"),
-        (b'{"processor": "payments"}', "group"),
-        (b'{"group": "g", "priority": "URGENT"}', "priority"),
-        (b'{"group": "g", "priority": "NORMAL"}', "NORMAL job on the REALTIME topic"),
-        (b'{"group": "g", "processor": "billing"}', "processor 'billing'"),
-        (b'{"group": "g", "data": [1]}', "data"),
+        (b'{"group": "g"}', "missing id"),
+        (b'{"id": null, "group": "g"}', "missing id"),
+        (b'{"id": "%s", "processor": "payments"}' % ID, "group"),
+        (b'{"id": "%s", "group": "g", "priority": "URGENT"}' % ID, "priority"),
+        (b'{"id": "%s", "group": "g", "priority": "NORMAL"}' % ID, "NORMAL job on the REALTIME"),
+        (b'{"id": "%s", "group": "g", "processor": "billing"}' % ID, "processor 'billing'"),
+        (b'{"id": "%s", "group": "g", "data": [1]}' % ID, "data"),
     ],
 )
 def test_malformed_job_messages_are_refused_with_a_reason(raw, reason):
     with pytest.raises(BadJobMessage, match=reason):
         parse_job(raw, "payments", Priority.REALTIME)
+
+
+def test_a_job_keeps_its_id_on_redelivery_and_its_key_must_be_that_id():
+    raw = b'{"id": "%s", "group": "g"}' % ID
+    # The same message read twice is the same job (the idempotency key).
+    assert (
+        parse_job(raw, "payments", Priority.REALTIME, ID).id
+        == parse_job(raw, "payments", Priority.REALTIME, ID).id
+    )
+    with pytest.raises(BadJobMessage, match="not the job id"):
+        parse_job(raw, "payments", Priority.REALTIME, str(uuid4()).encode())
 
 
 def test_process_jobs_turns_unknown_groups_and_exceptions_into_errors():
@@ -113,6 +131,28 @@ def test_process_jobs_turns_unknown_groups_and_exceptions_into_errors():
     assert "unknown group 'missing'" in results[2].error
     assert "known: boom, ok" in results[2].error
     assert results[3].error.startswith("KeyError")
+
+
+def test_handlers_returning_bad_data_give_errors_not_crashes():
+    class Opaque:
+        pass
+
+    outcomes = {
+        "text": lambda job: "not a mapping",
+        "pairs": lambda job: [1, 2],
+        "opaque": lambda job: {"x": Opaque()},
+        "decimal": lambda job: {"amount": Decimal("1.10")},
+        "int-keys": lambda job: {1: 2},
+    }
+    jobs = [_job(group=group) for group in outcomes]
+    results = process_jobs(jobs, outcomes)
+    for result in results[:3]:
+        assert result.status is JobStatus.PROCESSED_ERROR
+        assert result.error.startswith("handler returned bad data: ")
+        result.model_dump_json()  # what the daemon publishes
+    # Otherwise the data is kept as its JSON carries it, and the SLOW flow's frame works.
+    assert [r.data for r in results[3:]] == [{"amount": "1.10"}, {"1": 2}]
+    assert results_frame(results)["status"].to_list()[3:] == ["PROCESSED_OK"] * 2
 
 
 def test_unknown_processor_is_refused_naming_it():
@@ -249,3 +289,20 @@ def test_payment_batches_charge_each_new_job_once_and_report_bad_ones(tmp_path):
     assert outcomes[1]["amount"] == "2.50"
     assert isinstance(outcomes[2], ValueError) and isinstance(outcomes[3], ValueError)
     assert [upstream.calls(str(j.id)) for j in jobs] == [1, 1, 0, 0]
+
+
+def test_a_result_racing_an_expiry_does_not_kill_the_results_thread():
+    class RacingFuture(Future):
+        def set_result(self, result):  # another thread's expiry lands just before
+            if not self.done():
+                super().set_result("expired first")
+            super().set_result(result)
+
+    submitter = Submitter.__new__(Submitter)  # only the bookkeeping `_resolve` uses
+    submitter._lock, submitter._pending = threading.Condition(), {}
+    job = _job()
+    entry = _Pending(job, RacingFuture(), _Batch(Priority.NORMAL, waiting={job.id}))
+    submitter._pending[job.id] = entry
+    ok = JobResult(job_id=job.id, status=JobStatus.PROCESSED_OK, processed_at=datetime.now(UTC))
+    submitter._resolve(entry, ok)
+    assert entry.future.result() == "expired first" and not submitter._pending

@@ -26,6 +26,7 @@ from tasks.prices import (
     parse_alert,
     parse_trade,
     product_partition,
+    reached_units,
     to_us,
     window_average_units,
 )
@@ -72,8 +73,24 @@ def test_average_equal_to_the_threshold_fires_and_one_unit_below_does_not():
     assert second.average_units == 150 * 10**8
     assert [a.alert_id for a in second.fired] == ["at"]
     assert "at" not in state.alerts and "above" in state.alerts  # fires once, then removed
-    assert fires(150 * 10**8, 150 * 10**8) and not fires(150 * 10**8 - 1, 150 * 10**8)
-    assert not fires(None, 1)
+    assert fires(300 * 10**8, 2, 150 * 10**8) and not fires(300 * 10**8 - 1, 2, 150 * 10**8)
+    assert not fires(0, 0, 1)
+
+
+def test_an_average_that_only_rounds_up_to_the_threshold_does_not_fire():
+    # 1, 1, 0.99999999: exact average 0.99999999666..., rounded half-even to 1.00000000.
+    state = PriceState(10)
+    state.alerts.upsert(AlertRow("one", "u1", "BTC-USD", decimal_units("1", "t"), "1", ""))
+    end = to_us(T)
+    # Lowest first: after two trades the average is 0.999999995, rounded (half-even) to 1 too.
+    for i, price in enumerate(["0.99999999", "1.00000000", "1.00000000"]):
+        evaluation = state.on_trade(
+            TradeRow(i, "BTC-USD", decimal_units(price, "price"), 1, "buy", end)
+        )
+        assert evaluation.fired == [] and "one" in state.alerts, price
+    assert format_units(evaluation.average_units) == "1.00000000"
+    units = 3 * 10**8 - 1
+    assert not fires(units, 3, 10**8) and reached_units(units, 3) == 10**8 - 1
 
 
 def test_an_empty_window_has_no_average():
@@ -169,6 +186,13 @@ def test_a_valid_trade_parses_exactly():
         (trade_json(price=6500.01), "not a decimal string"),
         (trade_json(price="1.000000001"), "more than 8 decimal places"),
         (trade_json(price="10000000000"), "too large"),
+        (trade_json(price="123456789012345678901234567890.000000001"), "too large"),
+        (trade_json(price="6.5E+3"), "not a decimal"),
+        (trade_json(price="6.5e3"), "not a decimal"),
+        (trade_json(price="\uff11\uff12"), "not a decimal"),  # full-width "12"
+        (trade_json(price="1_000"), "not a decimal"),
+        (trade_json(product_id="BTC-USD\n"), "not a product id"),
+        (b"[" * 100_000 + b"]" * 100_000, "not UTF-8 JSON"),
         (trade_json(time="yesterday"), "not an ISO-8601 time"),
         (trade_json(time="2024-05-01T12:00:00"), "has no timezone"),
         (trade_json(side="hold"), "side"),
@@ -194,9 +218,20 @@ def test_alert_records_and_tombstones():
         parse_alert(b"other", json.dumps(value).encode())
     with pytest.raises(InvalidRecord, match="not positive"):
         parse_alert(b"a1", json.dumps(value | {"threshold": "-3"}).encode())
+    # A user_id that cannot be a Kafka key (lone surrogate), exponents, deep nesting.
+    with pytest.raises(InvalidRecord, match="user_id"):
+        parse_alert(b"a1", json.dumps(value | {"user_id": "\ud800"}).encode())
+    with pytest.raises(InvalidRecord, match="not a decimal"):
+        parse_alert(b"a1", json.dumps(value | {"threshold": "6.5E+3"}).encode())
+    with pytest.raises(InvalidRecord, match="not UTF-8 JSON"):
+        parse_alert(b"a1", b'{"a": ' * 100_000 + b"}" * 100_000)
+    with pytest.raises(InvalidRecord, match="not a product id"):
+        parse_alert(b"a1", json.dumps(value | {"product_id": "BTC-USD\n"}).encode())
 
 
-@pytest.mark.parametrize("threshold", ["-5", "0", "abc", "", "1e400000", "0.000000001"])
+@pytest.mark.parametrize(
+    "threshold", ["-5", "0", "abc", "", "1e400000", "0.000000001", "6.5E+3", "6.5e3", "\uff11"]
+)
 def test_a_threshold_that_is_not_a_positive_decimal_is_refused(threshold, capsys):
     with pytest.raises(ValueError, match="threshold"):
         validate_alert("u1", "BTC-USD", threshold)

@@ -5,8 +5,15 @@ from datetime import UTC, datetime
 
 import polars as pl
 
-from flows.price_averages import alerts_to_fire, ensure_tables, window_average
-from tasks.prices import PriceState, TradeRow, decimal_units, format_units, to_us
+from flows.price_averages import alerts_to_fire, ensure_tables, window_average, window_figures
+from tasks.prices import (
+    PriceState,
+    TradeRow,
+    decimal_units,
+    format_units,
+    reached_units,
+    to_us,
+)
 from tasks.warehouse import connect, run_sql
 
 T0 = to_us(datetime(2024, 5, 1, tzinfo=UTC))
@@ -68,6 +75,42 @@ def test_sql_average_equals_the_stream_state_at_every_trade(tmp_path):
         assert format(price, "f") == format_units(average)
     assert window_average(con, "BTC-USD", 0, 1) == (0, None)
     con.close()
+
+
+def test_sql_does_not_fire_on_an_average_that_only_rounds_up_to_the_threshold(tmp_path):
+    # 1, 1, 0.99999999: exact average 0.99999999666..., rounded half-even to 1.00000000.
+    con = connect(path=tmp_path / "w.duckdb")
+    ensure_tables(con)
+    prices = ["1.00000000", "1.00000000", "0.99999999"]
+    units = [decimal_units(p, "price") for p in prices]
+    _insert_trades(con, [TradeRow(i, "BTC-USD", u, 1, "buy", T0) for i, u in enumerate(units)])
+    _insert_alerts(con, [(0, "one", False, "1"), (1, "below", False, "0.99999999")])
+    count, average, reached = window_figures(con, "BTC-USD", T0 - 10 * MIN, T0)
+    assert (count, format_units(average)) == (3, "1.00000000")
+    assert reached == reached_units(sum(units), len(units))
+    assert [a.alert_id for a in alerts_to_fire(con, "BTC-USD", reached)] == ["below"]
+    con.close()
+
+
+def _insert_alerts(con, rows: list[tuple[int, str, bool, str | None]]) -> None:
+    frame = pl.DataFrame(
+        {
+            "topic": ["a"] * len(rows),
+            "partition": [0] * len(rows),
+            "offset": [r[0] for r in rows],
+            "alert_id": [r[1] for r in rows],
+            "deleted": [r[2] for r in rows],
+            "user_id": ["u"] * len(rows),
+            "product_id": ["BTC-USD"] * len(rows),
+            "threshold_units": [decimal_units(r[3], "t") if r[3] else None for r in rows],
+            "threshold_text": [r[3] for r in rows],
+            "created_at": [""] * len(rows),
+        },
+        schema_overrides={"partition": pl.Int32},
+    )
+    con.register("batch", frame)
+    run_sql(con, "prices/insert_alert_events")
+    con.unregister("batch")
 
 
 def test_alerts_to_fire_skips_fired_deleted_and_higher_alerts(tmp_path):

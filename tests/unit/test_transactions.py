@@ -131,7 +131,10 @@ def test_decimal_strings_to_minor_units_and_back(text, minor):
     assert Decimal(format_minor(minor, 2)) == Decimal(text)
 
 
-@pytest.mark.parametrize("text", ["", "abc", "1e3", "NaN", "1,5", " 1", "--1", "1.", ".5", "0.001"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "abc", "1e3", "6.5E+3", "NaN", "1,5", " 1", "--1", "1.", ".5", "0.001", "\uff11\uff12"],
+)
 def test_amounts_that_are_not_plain_decimals_at_the_scale_are_invalid(text):
     with pytest.raises(Invalid):
         to_minor(text, 2)
@@ -162,11 +165,20 @@ def _value(**fields) -> bytes:
         (b"Fido", _value(time="2024-05-01T12:00:00"), "no time zone"),
         (None, _value(), "missing key"),
         (b"Rex", _value(), "key does not match user"),
+        (b"Fido", _value(user="\ud800"), "not valid Unicode"),  # lone surrogate: no key
+        (b"Fido", b'{"a": ' * 100_000 + b"}" * 100_000, "not valid JSON"),  # deep nesting
+        (b"Fido", _value(amount="\uff11\uff12"), "is not a decimal number"),  # full-width 12
+        (b"Fido", _value(amount="6.5e3"), "is not a decimal number"),
     ],
 )
 def test_bad_transactions_are_rejected_with_a_reason(key, value, reason):
     with pytest.raises(Invalid, match=reason):
         validate(key, value, RULES)
+
+
+def test_a_time_with_another_offset_is_converted_to_utc():
+    *_, at = validate(b"Fido", _value(time="2024-05-01T17:00:00+05:00"), RULES)
+    assert at == "2024-05-01T12:00:00+00:00"
 
 
 def test_the_absurd_bound_itself_is_accepted():
