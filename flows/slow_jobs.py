@@ -10,7 +10,6 @@ between publishes, on the next run, exactly the results not yet on the topic.
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from typing import Any
 
@@ -32,7 +31,7 @@ from tasks.jobs import (
     processor_registry,
     results_frame,
 )
-from tasks.kafka import ensure_topics, job_topics, make_producer, send_to_dlq
+from tasks.kafka import decode_json, ensure_topics, job_topics, make_producer, send_to_dlq
 from tasks.settings import Settings, get_settings
 from tasks.warehouse import LoadResult, load_topic, run_sql, writing
 
@@ -85,7 +84,7 @@ def publish_unpublished(con, processor: str, producer, settings: Settings) -> in
     if not rows:
         return 0
     results = [
-        JobResult(job_id=job_id, status=status, data=json.loads(data), processed_at=at)
+        JobResult(job_id=job_id, status=status, data=decode_json(data), processed_at=at)
         for job_id, status, data, at in rows
     ]
     # Some may be on the topic already: publish only the others.

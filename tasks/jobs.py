@@ -20,6 +20,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import to_jsonable_python
 
+from tasks.kafka import decode_json
 from tasks.settings import Settings
 
 
@@ -212,8 +213,8 @@ def parse_job(
     if raw is None:
         raise BadJobMessage("empty message (null value)")
     try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        payload = decode_json(raw)
+    except (UnicodeDecodeError, ValueError) as error:
         raise BadJobMessage(f"not JSON: {error}") from error
     if not isinstance(payload, dict):
         raise BadJobMessage(f"not a JSON object: {type(payload).__name__}")
@@ -310,6 +311,6 @@ def job_from_ledger(row: Sequence[Any]) -> Job:
         processor=processor,
         group=group,
         priority=priority,
-        data=json.loads(data),
+        data=decode_json(data),
         submitted_at=submitted_at,
     )

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
@@ -53,11 +54,15 @@ def encode_json(value: Any) -> bytes | None:
     return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
 
 
-def decode_json(raw: bytes | None) -> Any:
-    """Parse UTF-8 JSON bytes; None (a tombstone) stays None."""
+def decode_json(raw: bytes | str | None) -> Any:
+    """Parse UTF-8 JSON; None (a tombstone) stays None. Errors are ValueErrors.
+
+    orjson: several times faster than `json` on the per-message hot path, and strict
+    (no NaN/Infinity, invalid UTF-8 and nesting deeper than 1024 are errors).
+    """
     if raw is None:
         return None
-    return json.loads(raw)
+    return orjson.loads(raw)
 
 
 def encode_key(key: str | bytes | None) -> bytes | None:

@@ -18,7 +18,6 @@ Exactness, the rule both sides apply identically:
 from __future__ import annotations
 
 import bisect
-import json
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from typing import Any, Literal, NamedTuple
 
 from kafka.partitioner.default import murmur2
 from pydantic import BaseModel, ConfigDict, field_serializer, field_validator
+
+from tasks.kafka import decode_json
 
 PRICE_SCALE = 8  # decimal places kept for prices, thresholds, sizes and averages
 UNITS = 10**PRICE_SCALE
@@ -222,7 +223,7 @@ def parse_trade(raw: bytes | None) -> TradeRow:
     if raw is None:
         raise InvalidRecord("empty (null) trade message")
     try:
-        value = json.loads(raw)
+        value = decode_json(raw)
     except (ValueError, UnicodeError, RecursionError) as error:  # RecursionError: deep nesting
         raise InvalidRecord(f"not UTF-8 JSON: {error}") from None
     return _checked(parse_trade_value, value)
@@ -284,7 +285,7 @@ def parse_alert(key: bytes | None, raw: bytes | None) -> AlertRow | None:
         key_text = key.decode()
         if raw is None:
             return None
-        value = json.loads(raw)
+        value = decode_json(raw)
     except (ValueError, UnicodeError, RecursionError) as error:  # RecursionError: deep nesting
         raise InvalidRecord(f"not UTF-8 JSON: {error}") from None
     return _checked(parse_alert_value, value, key_text)

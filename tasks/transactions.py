@@ -10,7 +10,6 @@ alert, exactly at a threshold -> nothing; every transaction while beyond alerts 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -151,7 +150,7 @@ def _validate(key: bytes | None, value: bytes | None, rules: Rules) -> tuple[str
     if value is None:
         raise Invalid("empty message (null value)")
     try:
-        data = json.loads(value)
+        data = decode_json(value)
     except (UnicodeError, ValueError, RecursionError) as error:  # RecursionError: deep nesting
         raise Invalid(f"not valid JSON: {error}") from None
     if not isinstance(data, dict):
