@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +49,21 @@ def validate_alert(user_id: Any, product_id: Any, threshold: Any) -> None:
         raise ValueError(f"{error} (the threshold must be a positive decimal)") from None
 
 
+@contextmanager
+def _sending(settings: Settings, producer: KafkaProducer | None) -> Iterator[KafkaProducer]:
+    """The caller's producer, or an own one (topic ensured) flushed and closed after use."""
+    if producer is not None:
+        yield producer
+        return
+    _ensure(settings)
+    own = make_producer(settings)
+    try:
+        yield own
+        own.flush()
+    finally:
+        own.close()
+
+
 def create_alert(
     user_id: str,
     product_id: str,
@@ -67,20 +84,11 @@ def create_alert(
         created_at=created_at or datetime.now(UTC),
     )
     s = settings or get_settings()
-    own = producer is None
-    if own:
-        _ensure(s)
-        producer = make_producer(s)
-    try:
-        message = alert.message()
-        # The validated value as plain digits (never an exponent form such as "6.5E+3").
-        message["threshold"] = format(alert.threshold, "f")
-        producer.send(s.price_alerts_topic, key=alert.alert_id, value=message)
-        if own:
-            producer.flush()
-    finally:
-        if own:
-            producer.close()
+    message = alert.message()
+    # The validated value as plain digits (never an exponent form such as "6.5E+3").
+    message["threshold"] = format(alert.threshold, "f")
+    with _sending(s, producer) as sender:
+        sender.send(s.price_alerts_topic, key=alert.alert_id, value=message)
     return alert
 
 
@@ -91,17 +99,8 @@ def delete_alert(
     if not isinstance(alert_id, str) or not alert_id.strip():
         raise ValueError(f"alert id: {alert_id!r} must be a non-empty string")
     s = settings or get_settings()
-    own = producer is None
-    if own:
-        _ensure(s)
-        producer = make_producer(s)
-    try:
-        producer.send(s.price_alerts_topic, key=alert_id, value=None)
-        if own:
-            producer.flush()
-    finally:
-        if own:
-            producer.close()
+    with _sending(s, producer) as sender:
+        sender.send(s.price_alerts_topic, key=alert_id, value=None)
 
 
 def main(argv: list[str]) -> int:

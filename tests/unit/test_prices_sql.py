@@ -127,23 +127,7 @@ def test_alerts_to_fire_skips_fired_deleted_and_higher_alerts(tmp_path):
         (6, "changed", False, "1"),
         (7, "changed", False, "9999"),
     ]
-    frame = pl.DataFrame(
-        {
-            "topic": ["a"] * len(rows),
-            "partition": [0] * len(rows),
-            "offset": [r[0] for r in rows],
-            "alert_id": [r[1] for r in rows],
-            "deleted": [r[2] for r in rows],
-            "user_id": ["u"] * len(rows),
-            "product_id": ["BTC-USD"] * len(rows),
-            "threshold_units": [decimal_units(r[3], "t") if r[3] else None for r in rows],
-            "threshold_text": [r[3] for r in rows],
-            "created_at": [""] * len(rows),
-        },
-        schema_overrides={"partition": pl.Int32},
-    )
-    con.register("batch", frame)
-    run_sql(con, "prices/insert_alert_events")
+    _insert_alerts(con, rows)
     con.execute(
         'INSERT INTO price_notifications (topic, partition, "offset", alert_id) '
         "VALUES ('n', 0, 0, 'notified')"
