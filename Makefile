@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install up down status demo test test-unit lint format bench clean
 
@@ -25,7 +26,7 @@ status: install
 	$(PY) -m infra status
 
 demo: install        ## the whole system on one machine, a summary, then a clean stop
-	$(PY) -m infra demo
+	$(PY) -m infra demo $(DEMO_ARGS)
 
 test: install        ## the whole suite against a real broker and a Prefect test harness
 	$(PY) -m infra kafka-fetch

@@ -22,6 +22,10 @@ def up() -> None:
 
 
 def down() -> None:
+    # Workers and served flows (left by `make demo DEMO_ARGS=--keep`) first, then the stack.
+    for name in services.running_services():
+        if name not in {kafka_broker.NAME, prefect_server.NAME} and services.stop(name, 20):
+            print(f"{name}: stopped")
     for name, stop in (("prefect", prefect_server.stop), ("kafka", kafka_broker.stop)):
         print(f"{name}: {'stopped' if stop() else 'was not running (from here)'}")
 
@@ -39,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "command", choices=["up", "down", "status", "kafka-fetch", "topics", "demo"]
     )
+    parser.add_argument(
+        "--keep", action="store_true", help="demo: leave the system running for the UI"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from infra.demo import run_demo
 
-            return run_demo()
+            return run_demo(keep=args.keep)
     except (services.ServiceError, BrokerUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

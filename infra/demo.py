@@ -4,7 +4,8 @@ Starts Kafka and the Prefect server (unless running), serves every deployment
 (`python -m flows`), then runs each domain step in `infra/demo_steps/` through four phases:
 `prepare` (start stream workers), `produce` (sample traffic), `batch` (trigger deployments
 through the Prefect API and wait) and `summarize` (rows for the summary table). Whatever
-the demo started, it stops, also on failure.
+the demo started, it stops, also on failure; with `--keep` a successful demo leaves it all
+running for the UI (`make down` stops it).
 """
 
 from __future__ import annotations
@@ -32,15 +33,15 @@ PHASES = ("prepare", "produce", "batch", "summarize")
 @dataclass
 class DemoContext:
     settings: Settings
-    started: list[tuple[str, str]] = field(default_factory=list)  # (service name, marker)
+    started: list[str] = field(default_factory=list)  # service names
     summary: list[tuple[str, str, str]] = field(default_factory=list)
 
     def start_process(
         self, name: str, argv: list[str], marker: str, env: dict[str, str] | None = None
     ):
         """Start a background process (logs in var/log/<name>.log), stopped when the demo ends."""
-        services.start(name, argv, env={**prefect_server.client_env(), **(env or {})})
-        self.started.append((name, marker))
+        services.start(name, argv, marker, env={**prefect_server.client_env(), **(env or {})})
+        self.started.append(name)
         console.print(f"  started {name} (log: {services.log_path(name)})")
 
     def start_worker(self, worker: str, *args: str) -> None:
@@ -93,7 +94,7 @@ def _steps():
     return sorted(found, key=lambda module: getattr(module, "ORDER", 100))
 
 
-def run_demo() -> int:
+def run_demo(keep: bool = False) -> int:
     # Before anything imports Prefect: every client here talks to the demo's server.
     for key, value in prefect_server.client_env().items():
         os.environ.setdefault(key, value)
@@ -122,11 +123,19 @@ def run_demo() -> int:
                 if hasattr(step, phase):
                     getattr(step, phase)(ctx)
         _print_summary(ctx)
+        if keep:
+            console.print(
+                f"left running: {', '.join(ctx.started + [n for n, _ in stack])}. Prefect UI at "
+                f"http://{prefect_server.HOST}:{prefect_server.PORT}; `make down` stops everything."
+            )
+            ctx.started.clear()
+            stack.clear()
         return 0
     finally:
-        console.rule("stopping what the demo started")
-        for name, marker in reversed(ctx.started):
-            services.stop(name, marker, timeout_s=20)
+        if ctx.started or stack:
+            console.rule("stopping what the demo started")
+        for name in reversed(ctx.started):
+            services.stop(name, timeout_s=20)
         for name, stop in reversed(stack):
             stop()
             console.print(f"  stopped {name}")

@@ -154,13 +154,13 @@ def ensure_running(settings: Settings | None = None, timeout_s: float = 90.0) ->
             f"Kafka at {s.kafka_bootstrap_servers} does not answer, and it is not a local "
             "address, so nothing was started. Check KAFKA_BOOTSTRAP_SERVERS."
         )
-    pid = services.running_pid(NAME, MARKER)
+    pid = services.running_pid(NAME)
     if pid is None:
         java = _require("java", "install a JDK 17+ (Debian: `apt-get install openjdk-17-jdk`).")
         fetch()
         config = _write_config(host, port)
         _format_storage(java, config)
-        pid = services.start(NAME, _java_argv(java, "kafka.Kafka", str(config)))
+        pid = services.start(NAME, _java_argv(java, "kafka.Kafka", str(config)), MARKER)
     answering = services.wait_for(
         lambda: not services.alive(pid) or is_answering(s), timeout_s, interval_s=0.5
     )
@@ -175,4 +175,4 @@ def ensure_running(settings: Settings | None = None, timeout_s: float = 90.0) ->
 
 def stop() -> bool:
     """Stop the broker this project started (an external cluster is never touched)."""
-    return services.stop(NAME, MARKER, timeout_s=30)
+    return services.stop(NAME, timeout_s=30)

@@ -38,7 +38,7 @@ def ensure_running(timeout_s: float = 120.0) -> bool:
         raise services.ServiceError(f"PREFECT_API_URL={external} does not answer; nothing started.")
     if healthy():
         return False
-    pid = services.running_pid(NAME, MARKER)
+    pid = services.running_pid(NAME)
     if pid is None:
         PREFECT_HOME.mkdir(parents=True, exist_ok=True)
         pid = services.start(
@@ -54,6 +54,7 @@ def ensure_running(timeout_s: float = 120.0) -> bool:
                 "--port",
                 str(PORT),
             ],
+            MARKER,
             env={
                 "PREFECT_HOME": str(PREFECT_HOME),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -71,4 +72,4 @@ def ensure_running(timeout_s: float = 120.0) -> bool:
 
 
 def stop() -> bool:
-    return services.stop(NAME, MARKER, timeout_s=20)
+    return services.stop(NAME, timeout_s=20)

@@ -34,21 +34,33 @@ def pid_path(name: str) -> Path:
     return RUN_DIR / f"{name}.pid"
 
 
-def running_pid(name: str, marker: str) -> int | None:
-    """The pid of our running `name` service; `marker` must appear in its command line."""
-    path = pid_path(name)
+def running_pid(name: str) -> int | None:
+    """The pid of our running `name` service (its pid file names the pid and a marker that
+    must appear in the process's command line, so a reused pid is never mistaken for it)."""
     try:
-        pid = int(path.read_text().strip())
+        pid_text, _, marker = pid_path(name).read_text().partition("\n")
+        pid = int(pid_text)
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except (OSError, ValueError):
         return None
-    return pid if marker in cmdline else None
+    return pid if marker.strip() in cmdline else None
+
+
+def running_services() -> list[str]:
+    """Names of the services with a pid file (running or stale)."""
+    return sorted(p.stem for p in RUN_DIR.glob("*.pid"))
 
 
 def start(
-    name: str, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT
+    name: str,
+    argv: list[str],
+    marker: str,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> int:
-    """Start `argv` detached, output appended to its log file; returns the pid."""
+    """Start `argv` detached, output appended to its log file; returns the pid. `marker`,
+    a part of its command line, identifies the process later."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     with open(log_path(name), "ab") as log:
@@ -61,13 +73,13 @@ def start(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    pid_path(name).write_text(str(process.pid))
+    pid_path(name).write_text(f"{process.pid}\n{marker}")
     return process.pid
 
 
-def stop(name: str, marker: str, timeout_s: float = 30.0) -> bool:
+def stop(name: str, timeout_s: float = 30.0) -> bool:
     """SIGTERM the service's process group, SIGKILL after `timeout_s`. True if it was running."""
-    pid = running_pid(name, marker)
+    pid = running_pid(name)
     pid_path(name).unlink(missing_ok=True)
     if pid is None:
         return False
