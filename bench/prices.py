@@ -55,11 +55,11 @@ def throughput(trades: int, alerts: int, tmp: Path) -> None:
 
     from sources.price_alerts import create_alert
     from stream_workers.price_alerts import PriceAlertsWorker
-    from tasks.kafka import make_consumer, make_producer
+    from tasks.kafka import StopSignal, make_consumer, make_producer
 
     s = _settings(f"tp-{uuid.uuid4().hex[:8]}", tmp)
     products = ["BTC-USD", "ETH-USD", "SOL-USD"]
-    worker = PriceAlertsWorker(s, group_id=f"bench-{uuid.uuid4().hex[:8]}", stop=False)
+    worker = PriceAlertsWorker(s, group_id=f"bench-{uuid.uuid4().hex[:8]}")
     worker.ensure_topics()
     producer = make_producer(s)
     for i in range(alerts):  # live all along: thresholds the prices never reach
@@ -89,18 +89,16 @@ def throughput(trades: int, alerts: int, tmp: Path) -> None:
     bare_s = time.perf_counter() - began
     bare.close()
 
-    class Until:
-        began: float | None = None
+    began: list[float] = []
 
-        def __bool__(self) -> bool:
-            if self.began is None and worker.stats["rebuilds"]:
-                self.began = time.perf_counter()
-            return worker.stats["trades"] >= trades
+    def done() -> bool:
+        if not began and worker.counts["rebuilds"]:
+            began.append(time.perf_counter())
+        return worker.stats.records >= trades
 
-    until = Until()
-    worker.stop = until
-    worker.run()
-    worker_s = time.perf_counter() - until.began
+    with worker:
+        worker.run(StopSignal(done))
+    worker_s = time.perf_counter() - began[0]
     bare_rate, worker_rate = trades / bare_s, trades / worker_s
     print(f"  bare kafka-python consumer: {bare_rate:,.0f} trades/s (baseline)")
     print(f"  price-alerts worker ({alerts} live alerts, transactions per poll batch): "
@@ -115,9 +113,9 @@ def latency(rate: int, seconds: float, tmp: Path) -> None:
     probes_per_s = 50
     n_probes = int(seconds * probes_per_s)
     producer = make_producer(s)
-    from stream_workers.price_alerts import PriceAlertsWorker
+    from tasks.kafka import ensure_topics, project_topics
 
-    PriceAlertsWorker(s).ensure_topics()
+    ensure_topics(project_topics(s), s)
     # One alert per probe product; ordinary trades never reach them.
     for i in range(n_probes + 1):
         create_alert("u", f"P{i}-USD", "150", alert_id=f"probe-{i}", producer=producer, settings=s)

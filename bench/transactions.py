@@ -21,8 +21,10 @@ import uuid
 from rich.console import Console
 from rich.table import Table
 
+from sources.transactions import generate
 from stream_workers.transaction_alerts import TransactionAlertsWorker
 from tasks.kafka import (
+    StopSignal,
     TopicSpec,
     ensure_topics,
     make_admin,
@@ -31,7 +33,6 @@ from tasks.kafka import (
     project_topics,
 )
 from tasks.settings import Settings, get_settings
-from tasks.transactions import generate
 
 console = Console()
 
@@ -87,22 +88,18 @@ def worker(
     ensure_topics(project_topics(settings), settings)
     w = TransactionAlertsWorker(settings, exactly_once=exactly_once, batch_size=batch_size)
     marks: dict[str, float] = {}
-    process = w._process
+    handle = w.runtime.handle
 
     def timed(polled):
         marks.setdefault("first", time.perf_counter())
-        process(polled)
+        handle(polled)
         marks["last"] = time.perf_counter()
 
-    w._process = timed
-
-    class Stop:
-        def __bool__(self) -> bool:
-            return w.stats.transactions >= count
+    w.runtime.handle = timed
 
     try:
-        w.run(Stop())
-        return count / (marks["last"] - marks["first"]), w.stats.alerts
+        w.run(StopSignal(lambda: w.stats.records >= count))
+        return count / (marks["last"] - marks["first"]), w.stats.counts["alerts"]
     finally:
         w.close()
 

@@ -27,7 +27,6 @@ from prefect.cache_policies import NO_CACHE
 from tasks.kafka import decode_json, ensure_topics, make_consumer, make_producer, project_topics
 from tasks.prices import (
     AlertRow,
-    InvalidRecord,
     check_product_id,
     decimal_units,
     fire_transactional_id,
@@ -43,6 +42,7 @@ from tasks.prices import (
 )
 from tasks.settings import Settings, get_settings
 from tasks.warehouse import LoadResult, Rejects, load_topic, run_sql, writing
+from tasks.wire import InvalidRecord
 
 ARTIFACT_KEY = "price-ten-minute-average"
 

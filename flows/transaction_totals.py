@@ -11,9 +11,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.kafka import make_consumer
+from tasks.kafka import make_consumer, partitions_of, read_records
 from tasks.settings import Settings, get_settings
-from tasks.transactions import Rules, format_minor, parse_records, read_changelog
+from tasks.transactions import Rules, fold_changelog, format_minor, parse_records
 from tasks.warehouse import LoadResult, load_topic, run_sql, writing
 
 ARTIFACT_KEY = "transaction-totals-check"
@@ -66,9 +66,19 @@ def load_transactions(con, settings: Settings) -> LoadResult:
 def changelog_frame(settings: Settings) -> pl.DataFrame:
     """The stream's latest total per user, read from the changelog to its end."""
     scale = settings.transaction_amount_scale
+    consumer = make_consumer(settings=settings, group_id=None, max_poll_records=10_000)
+    try:
+        tps = partitions_of(consumer, settings.transaction_totals_changelog_topic)
+        records = read_records(consumer, tps, max(30.0, settings.kafka_timeout_s))
+    finally:
+        consumer.close()
+    totals_of, bad = fold_changelog(records, {tp.partition for tp in tps}, scale)
+    if bad:
+        get_run_logger().warning("%d malformed changelog record(s) skipped: %s",
+                                 len(bad), [reason for _, reason in bad[:5]])  # fmt: skip
     rows = [
         (user, p, t.offset, format_minor(t.minor, scale), t.transactions)
-        for p, totals in read_changelog(settings=settings).items()
+        for p, totals in totals_of.items()
         for user, t in totals.items()
     ]
     return pl.DataFrame(

@@ -20,8 +20,9 @@ from typing import Any
 from kafka import KafkaProducer
 
 from tasks.kafka import ensure_topics, make_producer, project_topics
-from tasks.prices import InvalidRecord, PriceAlert, check_product_id, decimal_units
+from tasks.prices import PriceAlert, check_product_id, decimal_units
 from tasks.settings import Settings, get_settings
+from tasks.wire import InvalidRecord
 
 
 def _ensure(settings: Settings) -> None:

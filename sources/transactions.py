@@ -12,16 +12,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tasks.kafka import encode_key, ensure_topics, make_producer, project_topics
 from tasks.settings import Settings, get_settings
-from tasks.transactions import generate
+from tasks.transactions import Transaction
+
+
+def user_names(users: int) -> list[str]:
+    """The sample users: "user-000", "user-001", ..."""
+    return [f"user-{i:03d}" for i in range(users)]
+
+
+def generate(
+    users: int,
+    count: int,
+    *,
+    seed: int = 1,
+    start: datetime | None = None,
+    spacing: timedelta = timedelta(milliseconds=2),
+    scale: int = 2,
+) -> Iterator[Transaction]:
+    """Seeded random transactions: each user's balance wanders around zero (mean-reverting)
+    widely enough to cross both ±2000 thresholds again and again."""
+    rng = random.Random(seed)
+    names = user_names(users)
+    balances = [0] * users
+    at = start or datetime.now(UTC)
+    unit = 10**scale
+    for i in range(count):
+        u = rng.randrange(users)
+        minor = rng.randint(-1500 * unit, 1500 * unit) - balances[u] // 4
+        if rng.random() < 0.3:
+            minor -= minor % unit  # some whole amounts ("-1250"), as people type them
+        balances[u] += minor
+        amount = Decimal(minor).scaleb(-scale)
+        if minor % unit == 0:
+            amount = Decimal(minor // unit)
+        yield Transaction(names[u], amount, (at + spacing * i).isoformat())
 
 
 def replay_lines(path: Path) -> Iterator[tuple[bytes | None, bytes]]:

@@ -15,4 +15,5 @@ if __name__ == "__main__":
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per connection
     sys.exit(dispatch(stream_workers, sys.argv[1:], "worker"))

@@ -27,18 +27,13 @@ import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from kafka import TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
-from kafka.partitioner.default import murmur2
-from kafka.structs import OffsetAndMetadata
 
+from stream_workers.runtime import Batch, Records, Runtime, Transactor, static_member_id
 from tasks.job_queues import result_ids_since
 from tasks.jobs import (
     BadJobMessage,
@@ -58,9 +53,9 @@ from tasks.kafka import (
     job_topics,
     make_consumer,
     make_producer,
-    send_to_dlq,
 )
 from tasks.settings import Settings, get_settings
+from tasks.wire import key_partition
 
 log = logging.getLogger("stream_workers.jobs")
 
@@ -68,44 +63,8 @@ FAULTS = ("kill-before-commit",)  # test hook: SIGKILL after the handlers ran, b
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 
-def _restore_resumed_records(consumer) -> None:
-    """Work around a kafka-python 3.0 bug that stalls resumed partitions for good.
-
-    Records already parsed for a partition that gets paused are parked, and handed back on
-    resume only if the fetcher's in-line slot `is None`; but a drained slot keeps its empty
-    (falsy) PartitionRecords, so the parked records never come back and the partition is
-    never fetched again (NORMAL would stop after its first pause). Clearing a drained slot
-    restores the intended `not slot` check. A no-op if the internals differ.
-    """
-    fetcher = getattr(consumer, "_fetcher", None)
-    slot = getattr(fetcher, "_next_partition_records", None)
-    if slot is not None and not slot and hasattr(fetcher, "_paused_partition_records"):
-        fetcher._next_partition_records = None
-
-
-class _Listener(ConsumerRebalanceListener):
-    def __init__(self, lane: Lane) -> None:
-        self.lane = lane
-
-    def on_partitions_assigned(self, assigned):
-        if self.lane.priority is Priority.NORMAL and assigned:
-            # Start paused: nothing NORMAL is fetched before the first REALTIME check.
-            self.lane.consumer.pause(*assigned)
-        self.lane.joined.set()
-        log.info("%s lane assigned %s", self.lane.priority.value,
-                 sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))  # fmt: skip
-
-    def on_partitions_revoked(self, revoked):
-        # Nothing to flush: every slice commits before the next poll. Until the REALTIME
-        # lane has its new assignment and has checked it, NORMAL starts no slice.
-        self.lane.joined.clear()
-        if self.lane.priority is Priority.REALTIME:
-            self.lane.realtime_idle.clear()
-        log.info("%s lane: %d partitions revoked", self.lane.priority.value, len(revoked))
-
-
 class Lane:
-    """One priority's consumer and transactional producer, and its processing loop.
+    """One priority's consumer and transactional producer, and its processing hooks.
 
     `realtime_idle` is set by the REALTIME lane while it has nothing pending; the NORMAL
     lane only works while it is set (a multiprocessing event: the lanes are processes).
@@ -123,17 +82,17 @@ class Lane:
     ) -> None:
         s = self.settings = settings or get_settings()
         self.processor, self.priority, self.fault = processor, priority, fault
+        self.name = f"jobs-{processor}-{priority.value.lower()}"
         self.realtime_idle = realtime_idle
         self.registry = processor_registry(processor, s)
         self.results_topic = s.job_results_topic(processor)
         self.topic = s.jobs_topic(processor, priority.value)
-        self.joined = threading.Event()
-        self.stats = dict.fromkeys(("ok", "error", "dlq", "duplicate", "aborted"), 0)
+        self.joined = False
         group = f"{s.jobs_processor_group(processor)}.{priority.value.lower()}"
-        member = f"{group}.{instance}"
+        member = static_member_id(group, instance)
         # A stable transactional id: on restart, init_transactions aborts whatever a
         # killed predecessor left open, so read_committed readers are not held back.
-        self.producer = make_producer(
+        self.transactor = Transactor(lambda: make_producer(
             s,
             transactional_id=member,
             transaction_timeout_ms=s.jobs_txn_timeout_ms,
@@ -142,14 +101,16 @@ class Lane:
             # Results go out as pydantic's own JSON bytes (several times faster than
             # model_dump + json.dumps); dead letters are dicts.
             value_serializer=lambda v: v if isinstance(v, bytes) else encode_json(v),
-        )
-        self.producer.init_transactions()
+        ), s)  # fmt: skip
+        if fault == "kill-before-commit":
+            self.transactor.before_commit = self._crash_if_jobs
         # After init_transactions, a dead predecessor's open transaction is aborted, so
         # the results topic reads to its end.
         since = datetime.now(UTC) - timedelta(hours=s.jobs_results_lookback_h)
         self.known: set[str] = result_ids_since(processor, since, s)
+        self.in_flight: list[str] = []  # ids of the batch being processed, not yet committed
         log.info("%s lane: %d job ids already have results", priority.value, len(self.known))
-        self.consumer = make_consumer(
+        consumer = make_consumer(
             settings=s,
             group_id=group,
             group_instance_id=member,  # static membership: a restart takes over at once
@@ -157,66 +118,68 @@ class Lane:
             fetch_max_wait_ms=50,
             max_poll_records=s.jobs_processor_max_batch,
         )
-        # Metadata first: a group joined before the topic's metadata is known gets an empty
-        # assignment, which would look like "no REALTIME pending" until the next rebalance.
-        self.consumer.partitions_for_topic(self.topic)
-        self.consumer.subscribe([self.topic], listener=_Listener(self))
-        self._result_partitions = len(self.producer.partitions_for(self.results_topic))
+        self._result_partitions = len(
+            self.transactor.ensure_producer().partitions_for(self.results_topic)
+        )
+        realtime = priority is Priority.REALTIME
+        self.runtime = Runtime(
+            self, consumer, [self.topic], max_records=s.jobs_processor_max_batch,
+            poll_timeout_ms=100 if realtime else 50, closers=[self.transactor.close],
+        )  # fmt: skip
+        self.stats = self.runtime.stats
         self.slice_s = s.jobs_normal_slice_ms / 1000
         self._per_job_s = 0.0005  # running estimate, sizes NORMAL polls to fit a slice
+        self._batch_started = 0.0
 
-    def run(self, running) -> None:
-        """Steps until `running()` turns false; each step finishes and commits its slice."""
-        step = self.realtime_step if self.priority is Priority.REALTIME else self.normal_step
-        while running():
-            if not step() and self.priority is Priority.NORMAL:
-                self.realtime_idle.wait(0.05)
-        log.info("%s lane stopped: %s", self.priority.value, self.stats)
+    def run(self, stop) -> None:
+        """Polls and commits slices until `stop`; each finishes and commits its slice."""
+        if self.priority is Priority.REALTIME:
+            self.runtime.run(stop, after_poll=self._publish_realtime_idle)
+        else:
+            self.runtime.run(stop, before_poll=self._hold_while_realtime)
 
-    # --- the steps ------------------------------------------------------------------------
+    def close(self) -> None:
+        self.runtime.close()
 
-    def realtime_step(self) -> int:
-        polled = self.consumer.poll(timeout_ms=100)
-        if polled:
-            self.realtime_idle.clear()  # REALTIME jobs in hand: NORMAL steps aside
-            self._process([r for tp in sorted(polled) for r in polled[tp]])
-        if self.joined.is_set() and not self._realtime_pending():
+    # --- priorities -----------------------------------------------------------------------
+
+    def _publish_realtime_idle(self) -> None:
+        if self.joined and not self._realtime_pending():
             self.realtime_idle.set()
         else:
             self.realtime_idle.clear()
-        return sum(map(len, polled.values()))
 
     def _realtime_pending(self) -> bool:
         """End offsets of the REALTIME partitions against this lane's positions."""
-        partitions = list(self.consumer.assignment())
+        consumer = self.runtime.consumer
+        partitions = list(consumer.assignment())
         if not partitions:
             return False
         try:
-            ends = self.consumer.end_offsets(partitions)
+            ends = consumer.end_offsets(partitions)
         except KafkaError as error:  # e.g. a slow broker: err on the side of REALTIME
             log.warning("REALTIME lag check failed (%s); NORMAL waits", error)
             return True
-        return any(ends[tp] > self.consumer.position(tp) for tp in partitions)
+        return any(ends[tp] > consumer.position(tp) for tp in partitions)
 
-    def normal_step(self) -> int:
-        """One NORMAL slice if no REALTIME job is pending; returns the records handled."""
-        partitions = list(self.consumer.assignment())
+    def _hold_while_realtime(self) -> None:
+        """NORMAL: fetch nothing while a REALTIME job is pending; else a poll that fits a
+        slice of about `jobs_normal_slice_ms`."""
         if not self.realtime_idle.is_set():
-            self.consumer.pause(*partitions)
-            self.consumer.poll(timeout_ms=0)  # keeps the membership alive while paused
-            return 0
-        self.consumer.resume(*partitions)
-        _restore_resumed_records(self.consumer)
-        max_records = max(1, min(self.settings.jobs_processor_max_batch,
-                                 int(self.slice_s / self._per_job_s)))  # fmt: skip
-        polled = self.consumer.poll(timeout_ms=50, max_records=max_records)
-        records = [r for tp in sorted(polled) for r in polled[tp]]
-        if records:
-            handling_s = self._process(records)
-            if handling_s is not None:  # commit time left out: it does not grow with jobs
-                per_job = max(handling_s / len(records), 1e-6)
-                self._per_job_s = 0.5 * self._per_job_s + 0.5 * per_job
-        return len(records)
+            self.runtime.hold()
+            self.runtime.poll_timeout_ms = 0  # keeps the membership alive while held
+            self.realtime_idle.wait(0.05)
+            return
+        self.runtime.release()
+        self.runtime.poll_timeout_ms = 50
+        self.runtime.max_records = max(1, min(self.settings.jobs_processor_max_batch,
+                                              int(self.slice_s / self._per_job_s)))  # fmt: skip
+
+    def _yield_to_realtime(self) -> None:
+        """Inside a NORMAL slice: while REALTIME jobs are in hand, step aside (a few ms at a
+        time) so the REALTIME lane has the CPU."""
+        if self.priority is Priority.NORMAL and not self.realtime_idle.is_set():
+            self.realtime_idle.wait(0.005)
 
     def _partition(self, key: str) -> int:
         """REALTIME results go to partition 0 of the results topic, NORMAL ones to the others.
@@ -227,82 +190,70 @@ class Lane:
         """
         if self.priority is Priority.REALTIME or self._result_partitions < 2:
             return 0
-        return 1 + murmur2(key.encode()) % (self._result_partitions - 1)
+        return 1 + key_partition(key.encode(), self._result_partitions - 1)
 
-    def _yield_to_realtime(self) -> None:
-        """Inside a NORMAL slice: while REALTIME jobs are in hand, step aside (a few ms at a
-        time) so the REALTIME lane has the CPU."""
-        if self.priority is Priority.NORMAL and not self.realtime_idle.is_set():
-            self.realtime_idle.wait(0.005)
+    # --- the processor hooks --------------------------------------------------------------
 
-    # --- one transaction ------------------------------------------------------------------
+    def scopes(self, polled: Records) -> list[tuple[Transactor, Records]]:
+        return [(self.transactor, {tp: polled[tp] for tp in sorted(polled)})]  # one slice
 
-    def _process(self, records: Sequence[ConsumerRecord]) -> float | None:
-        """Handle records in one transaction with their offsets. Returns the seconds spent
-        before the commit, or None if the transaction was aborted."""
-        started = time.monotonic()
-        first: dict[TopicPartition, int] = {}
-        done: dict[TopicPartition, int] = {}
+    def process(self, records: Records) -> Batch:
+        """The slice's jobs through the handlers; results, dead letters, duplicates skipped."""
+        if self.priority is Priority.REALTIME:
+            self.realtime_idle.clear()  # REALTIME jobs in hand: NORMAL steps aside
+        self._batch_started = time.monotonic()
+        batch = Batch(records)
         jobs: list[Job] = []
-        self.producer.begin_transaction()
-        try:
-            for i, record in enumerate(records):
-                if i % 64 == 63:
-                    self._yield_to_realtime()
-                tp = TopicPartition(record.topic, record.partition)
-                first.setdefault(tp, record.offset)
-                done[tp] = record.offset + 1
-                job = self._accept(record)
-                if job is not None:
-                    jobs.append(job)
-            for result in process_jobs(jobs, self.registry):
-                key = str(result.job_id)
-                value = result.model_dump_json().encode()
-                self.producer.send(
-                    self.results_topic, key=key, value=value, partition=self._partition(key)
-                )
-                self.stats["ok" if result.status is JobStatus.PROCESSED_OK else "error"] += 1
-            handling_s = time.monotonic() - started
-            if self.fault == "kill-before-commit" and jobs:
-                self.producer.flush()  # the results reach the broker, uncommitted
-                _crash()
-            self.producer.send_offsets_to_transaction(
-                {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in done.items()},
-                self.consumer.group_metadata(),
-            )
-            self.producer.commit_transaction()
-        except KafkaError as error:
-            # A rebalance fenced this slice (or the broker failed it): nothing of it is
-            # visible; forget its ids and re-read it if the partitions are still ours.
-            log.warning("%s slice aborted (%s); it will be re-read", self.priority.value, error)
-            self.known.difference_update(str(job.id) for job in jobs)
-            self.stats["aborted"] += 1
-            self.producer.abort_transaction()
-            assigned = self.consumer.assignment()
-            for tp, offset in first.items():
-                if tp in assigned:
-                    self.consumer.seek(tp, offset)
-            return None
-        return handling_s
+        self.in_flight = []
+        for i, record in enumerate(r for rs in records.values() for r in rs):
+            if i % 64 == 63:
+                self._yield_to_realtime()
+            try:
+                job = parse_job(record.value, self.processor, self.priority, record.key)
+            except BadJobMessage as error:
+                batch.dead_letter(record, str(error))
+                continue
+            job_id = str(job.id)
+            if job_id in self.known:
+                self.stats.counts["duplicate"] += 1
+                log.info("job %s already has a result: skipped", job.id)
+                continue
+            self.known.add(job_id)
+            self.in_flight.append(job_id)
+            jobs.append(job)
+        for result in process_jobs(jobs, self.registry):
+            key = str(result.job_id)
+            value = result.model_dump_json().encode()
+            batch.emit(self.results_topic, key, value, self._partition(key))
+            self.stats.counts["ok" if result.status is JobStatus.PROCESSED_OK else "error"] += 1
+        if batch.size:  # commit time left out: it does not grow with jobs
+            per_job = max((time.monotonic() - self._batch_started) / batch.size, 1e-6)
+            self._per_job_s = 0.5 * self._per_job_s + 0.5 * per_job
+        return batch
 
-    def _accept(self, record: ConsumerRecord) -> Job | None:
-        """The record's job, unless it is malformed (-> DLQ) or already has a result."""
-        try:
-            job = parse_job(record.value, self.processor, self.priority, record.key)
-        except BadJobMessage as error:
-            send_to_dlq(self.producer, record, str(error), self.settings)
-            self.stats["dlq"] += 1
-            return None
-        if str(job.id) in self.known:
-            self.stats["duplicate"] += 1
-            log.info("job %s already has a result: skipped", job.id)
-            return None
-        self.known.add(str(job.id))
-        return job
+    def on_committed(self, batch: Batch) -> None:
+        self.in_flight = []
 
-    def close(self) -> None:
-        self.consumer.close()
-        self.producer.close()
+    def on_aborted(self, records: Records) -> None:
+        # Nothing of the slice is visible: its ids get no result until it is read again.
+        self.known.difference_update(self.in_flight)
+        self.in_flight = []
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        self.joined = True
+
+    def _crash_if_jobs(self, batch: Batch) -> None:
+        """The fault hook: with results on the broker but not committed, the daemon dies."""
+        if batch.outputs:
+            self.transactor.ensure_producer().flush()
+            _crash()
+
+    def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        # Until the REALTIME lane has its new assignment and has checked it, NORMAL starts
+        # no slice.
+        self.joined = bool(self.runtime.assigned)
+        if self.priority is Priority.REALTIME:
+            self.realtime_idle.clear()
 
 
 def _crash() -> None:
@@ -315,12 +266,13 @@ def _crash() -> None:
 def _realtime_process(processor: str, instance: str, fault, realtime_idle, stop_all) -> None:
     """The REALTIME lane, in a child process of the daemon."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     stop = StopSignal().install()
     parent = os.getppid()
     lane = Lane(processor, Priority.REALTIME, realtime_idle, instance=instance, fault=fault)
     try:
         # Stops with the daemon: its stop event, a signal of its own, or the parent gone.
-        lane.run(lambda: not (stop or stop_all.is_set() or os.getppid() != parent))
+        lane.run(stop.also(stop_all.is_set, lambda: os.getppid() != parent))
     finally:
         realtime_idle.clear()
         lane.close()
@@ -363,7 +315,7 @@ def main(argv: list[str]) -> int:
                   instance=args.instance, fault=args.fault)  # fmt: skip
     log.info("processing %s jobs: REALTIME (pid %s) first, then NORMAL", args.processor, child.pid)
     try:
-        normal.run(lambda: not stop and child.is_alive())
+        normal.run(stop.also(lambda: not child.is_alive()))
     finally:
         stop_all.set()
         normal.close()

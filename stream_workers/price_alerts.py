@@ -22,21 +22,21 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
+from stream_workers.runtime import Batch, Records, Runtime, Transactor, static_member_id
 from tasks.kafka import (
     StopSignal,
     ensure_topics,
     make_consumer,
     make_producer,
     project_topics,
+    read_records,
+    read_to_end,
     send_to_dlq,
 )
 from tasks.prices import (
@@ -54,7 +54,10 @@ log = logging.getLogger("stream_workers.price_alerts")
 
 
 class PriceAlertsWorker:
-    """The daemon's loop and state; `run()` until `stop` is truthy."""
+    """Trades -> ten-minute windows (tasks.prices) -> notifications and tombstones, one
+    transaction per trades partition and poll. `with worker: worker.run(stop)`."""
+
+    name = "price-alerts"
 
     def __init__(
         self,
@@ -63,28 +66,44 @@ class PriceAlertsWorker:
         group_id: str | None = None,
         batch_size: int | None = None,
         instance: str | None = None,
-        stop: Any = None,
     ) -> None:
         self.s = s = settings or get_settings()
         self.instance = instance
         self.group_id = group_id or s.price_alerts_group
         self.batch_size = batch_size or s.price_alerts_batch_size
-        self.stop = stop if stop is not None else StopSignal()
         self.state = PriceState(s.price_window_minutes)
-        self.stats: Counter[str] = Counter()
-        self.producers: dict[int, KafkaProducer] = {}
-        self.assigned: set[TopicPartition] = set()
-        self.consumer: KafkaConsumer | None = None
-        self.alerts_consumer: KafkaConsumer | None = None
+        self.transactors: dict[int, Transactor] = {}
+        # Test seam: called inside each transaction right before its commit.
+        self.before_commit: Callable[[], None] | None = None
+        self.ensure_topics()
+        consumer = make_consumer(
+            settings=s,
+            group_id=self.group_id,
+            max_poll_records=self.batch_size,
+            # Static membership with an explicit --instance: a restart takes its partitions
+            # back at once instead of waiting for the dead member's session to expire.
+            group_instance_id=static_member_id(self.group_id, instance),
+            session_timeout_ms=s.price_alerts_session_timeout_ms,
+        )
+        self.alerts_consumer = make_consumer(settings=s, group_id=None)
         # Bad alert records go to `<price-alerts>.dlq` through a plain producer; the highest
         # offset dead-lettered per partition keeps a rebuild (re-reading the topic from the
         # beginning) from sending them again. A new process sends them again (at least once).
-        self.dlq_producer: KafkaProducer | None = None
+        self.dlq_producer: KafkaProducer = make_producer(s)
         self.alerts_dead_lettered: dict[int, int] = {}
-        # Test seam: called inside each transaction right before its commit.
-        self.before_commit: Callable[[], None] | None = None
-
-    # --- lifecycle -------------------------------------------------------------------------
+        self.alert_partitions = [
+            TopicPartition(s.price_alerts_topic, p)
+            for p in sorted(self.alerts_consumer.partitions_for_topic(s.price_alerts_topic) or ())
+        ]
+        self.alerts_consumer.assign(self.alert_partitions)
+        self.runtime = Runtime(
+            self, consumer, [s.trades_topic], max_records=self.batch_size, poll_timeout_ms=100,
+            abort_backoff_s=s.price_fence_backoff_s,
+            closers=[self._close_transactors, lambda: self.dlq_producer.close(timeout=5),
+                     lambda: self.alerts_consumer.close(autocommit=False)],
+        )  # fmt: skip
+        self.stats = self.runtime.stats
+        self.counts = self.stats.counts
 
     def ensure_topics(self) -> None:
         s = self.s
@@ -92,64 +111,85 @@ class PriceAlertsWorker:
                 s.dlq_topic(s.trades_topic), s.dlq_topic(s.price_alerts_topic)}  # fmt: skip
         ensure_topics([t for t in project_topics(s) if t.name in mine], s)
 
-    def open(self) -> None:
-        s = self.s
-        self.consumer = make_consumer(
-            settings=s,
-            group_id=self.group_id,
-            max_poll_records=self.batch_size,
-            # Static membership with an explicit --instance: a restart takes its partitions
-            # back at once instead of waiting for the dead member's session to expire.
-            group_instance_id=f"{self.group_id}.{self.instance}" if self.instance else None,
-            session_timeout_ms=s.price_alerts_session_timeout_ms,
-        )
-        self.consumer.subscribe([s.trades_topic])
-        self.alerts_consumer = make_consumer(settings=s, group_id=None)
-        self.dlq_producer = make_producer(s)
-        partitions = self.alerts_consumer.partitions_for_topic(s.price_alerts_topic) or set()
-        self.alerts_consumer.assign(
-            [TopicPartition(s.price_alerts_topic, p) for p in sorted(partitions)]
-        )
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def __enter__(self) -> PriceAlertsWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self, stop: StopSignal | None = None) -> None:
+        # New alerts are applied before each poll of trades.
+        self.runtime.run(stop, before_poll=self.poll_alerts)
 
     def close(self) -> None:
-        for producer in self.producers.values():
-            producer.close(timeout=5)
-        self.producers.clear()
-        if self.dlq_producer is not None:
-            self.dlq_producer.close(timeout=5)
-        for consumer in (self.consumer, self.alerts_consumer):
-            if consumer is not None:
-                consumer.close(autocommit=False)
+        self.runtime.close()
 
-    def run(self) -> int:
-        self.ensure_topics()
-        self.open()
-        assert self.consumer is not None
-        last_report = time.monotonic()
-        try:
-            while not self.stop:
-                self.poll_alerts()
-                polled = self.consumer.poll(timeout_ms=100, max_records=self.batch_size)
-                assignment = self.consumer.assignment()
-                if assignment != self.assigned:
-                    # New partitions (start or rebalance): their records wait for a rebuild.
-                    self.rebuild(assignment)
-                    continue
-                for tp, records in polled.items():
-                    if not self.process(tp, records):
-                        break  # fenced or failed: state was rebuilt, positions rewound
-                if time.monotonic() - last_report > 30:
-                    last_report = time.monotonic()
-                    log.info("stats: %s", dict(self.stats))
-        finally:
-            log.info("stopping; stats: %s", dict(self.stats))
-            self.close()
-        return 0
+    def _close_transactors(self) -> None:
+        for transactor in self.transactors.values():
+            transactor.close()
+        self.transactors.clear()
 
-    # --- alerts ----------------------------------------------------------------------------
+    # --- the processor hooks ------------------------------------------------------------
+
+    def scopes(self, polled: Records) -> list[tuple[Transactor, Records]]:
+        # One transaction per trades partition: its transactional id is shared with the
+        # batch flow firing the alerts of that partition's products.
+        return [(self.transactors[tp.partition], {tp: polled[tp]}) for tp in sorted(polled)]
+
+    def process(self, records: Records) -> Batch:
+        s = self.s
+        counts = self.counts
+        state = self.state
+        batch = Batch(records)
+        for record in (r for rs in records.values() for r in rs):
+            try:
+                trade = parse_trade(record.value)
+            except InvalidRecord as error:
+                batch.dead_letter(record, str(error))
+                continue
+            evaluation = state.on_trade(trade)
+            if not evaluation.accepted:
+                window = state.windows[trade.product_id]
+                reason = (
+                    f"too late: event time {time_from_us(trade.time_us).isoformat()} is "
+                    f"before the window start {time_from_us(window.start_us).isoformat()} "
+                    f"of {trade.product_id} (watermark {time_from_us(window.watermark_us).isoformat()})"
+                )  # fmt: skip
+                batch.dead_letter(record, reason)
+                counts["too_late"] += 1
+                continue
+            for alert in evaluation.fired:
+                message = notification(
+                    alert, evaluation.average_units, evaluation.window_end_us, "stream"
+                )
+                batch.emit(s.notifications_topic, alert.user_id, message)
+                batch.emit(s.price_alerts_topic, alert.alert_id, None)
+                counts["fired"] += 1
+        return batch
+
+    def on_committed(self, batch: Batch) -> None:
+        """The windows and alerts moved on in `process` already."""
+
+    def on_aborted(self, records: Records) -> None:
+        # `process` moved the windows and removed fired alerts: rebuild everything from
+        # Kafka (after taking the transactional ids back, so a batch firing that fenced us
+        # has committed and its tombstones are read).
+        self.rebuild_until_done(self.runtime.assigned)
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        self.rebuild_until_done(self.runtime.assigned)
+
+    def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            transactor = self.transactors.pop(tp.partition, None)
+            if transactor is not None:
+                transactor.close(timeout_s=1)
+
+    # --- alerts -------------------------------------------------------------------------
 
     def poll_alerts(self, timeout_ms: int = 0) -> int:
-        assert self.alerts_consumer is not None
         applied = 0
         for records in self.alerts_consumer.poll(timeout_ms=timeout_ms).values():
             for record in records:
@@ -161,12 +201,11 @@ class PriceAlertsWorker:
         try:
             alert = parse_alert(record.key, record.value)
         except InvalidRecord as error:
-            self.stats["bad_alerts"] += 1
+            self.counts["bad_alerts"] += 1
             if record.offset > self.alerts_dead_lettered.get(record.partition, -1):
-                assert self.dlq_producer is not None
                 send_to_dlq(self.dlq_producer, record, str(error), self.s)
                 self.alerts_dead_lettered[record.partition] = record.offset
-                self.stats["alerts_dlq"] += 1
+                self.counts["alerts_dlq"] += 1
                 log.warning("bad alert at %s[%d]@%d to the DLQ: %s",
                             record.topic, record.partition, record.offset, error)  # fmt: skip
             return
@@ -177,178 +216,115 @@ class PriceAlertsWorker:
 
     def catch_up_alerts(self) -> None:
         """Read the compacted alert topic from the beginning to its current end (committed)."""
-        consumer = self.alerts_consumer
-        assert consumer is not None
         self.state.alerts.clear()
-        tps = list(consumer.assignment())
-        if not tps:
-            return
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        deadline = time.monotonic() + max(self.s.kafka_timeout_s, 30)
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise KafkaError(f"alerts not caught up to {end} in time")
-            self.poll_alerts(timeout_ms=200)
+        timeout_s = max(self.s.kafka_timeout_s, 30)
+        for batch in read_to_end(self.alerts_consumer, self.alert_partitions, timeout_s):
+            for record in batch:
+                self.apply_alert(record)
 
-    # --- rebuild ---------------------------------------------------------------------------
+    # --- rebuild ------------------------------------------------------------------------
+
+    def rebuild_until_done(self, assignment: set[TopicPartition]) -> None:
+        stop = self.runtime.stop
+        while True:
+            try:
+                self.rebuild(assignment)
+                return
+            except KafkaError as error:
+                log.warning("rebuild failed (%r); retrying", error)
+                if stop.wait(max(self.s.price_fence_backoff_s, 1.0)):
+                    return
 
     def rebuild(self, assignment: set[TopicPartition]) -> None:
         """Producers for the assigned partitions (fencing zombies), alerts, windows, positions."""
         started = time.monotonic()
-        assert self.consumer is not None
-        for producer in self.producers.values():
-            producer.close(timeout=1)
-        self.producers.clear()
-        self.assigned = set(assignment)
+        consumer = self.runtime.consumer
+        for partition in list(self.transactors):
+            if TopicPartition(self.s.trades_topic, partition) not in assignment:
+                self.transactors.pop(partition).close(timeout_s=1)
         self.state = PriceState(self.s.price_window_minutes)
         for tp in sorted(assignment):
-            producer = make_producer(
-                self.s,
-                transactional_id=fire_transactional_id(
-                    self.s.price_fire_transactional_prefix, tp.topic, tp.partition
-                ),
-                transaction_timeout_ms=self.s.price_alerts_txn_timeout_ms,
-                # A transaction right after a commit often meets CONCURRENT_TRANSACTIONS while
-                # the previous markers are written: retry soon, not after the default 100 ms+.
-                retry_backoff_ms=10,
-            )
-            # Waits for (or aborts) any earlier transaction under this id: a killed worker's
-            # or a batch firing's. From here on, no other writer fires these products' alerts
-            # without fencing us first.
-            producer.init_transactions()
-            self.producers[tp.partition] = producer
+            transactor = self.transactors.get(tp.partition)
+            if transactor is None:
+                self.transactors[tp.partition] = self._transactor(tp)
+            else:
+                # Waits for (or aborts) any earlier transaction under this id: a killed
+                # worker's or a batch firing's. From here on, no other writer fires these
+                # products' alerts without fencing us first.
+                transactor.ensure_producer()
         self.catch_up_alerts()
         replayed = 0
         for tp in sorted(assignment):
-            committed = self.consumer.committed(tp)
+            committed = consumer.committed(tp)
             if committed is None:
-                self.consumer.seek_to_beginning(tp)
+                consumer.seek_to_beginning(tp)
                 continue
             replayed += self.replay_window(tp, committed)
-            self.consumer.seek(tp, committed)
-        self.stats["rebuilds"] += 1
+            consumer.seek(tp, committed)
+        self.counts["rebuilds"] += 1
         log.info(
             "rebuilt %d partition(s): %d alerts, %d trades replayed into %d window(s) in %.2fs",
             len(assignment), len(self.state.alerts), replayed, len(self.state.windows),
             time.monotonic() - started,
         )  # fmt: skip
 
+    def _transactor(self, tp: TopicPartition) -> Transactor:
+        s = self.s
+
+        def producer() -> KafkaProducer:
+            return make_producer(
+                s,
+                transactional_id=fire_transactional_id(
+                    s.price_fire_transactional_prefix, tp.topic, tp.partition
+                ),
+                transaction_timeout_ms=s.price_alerts_txn_timeout_ms,
+                # A transaction right after a commit often meets CONCURRENT_TRANSACTIONS
+                # while the previous markers are written: retry soon, not after 100 ms+.
+                retry_backoff_ms=10,
+            )
+
+        transactor = Transactor(producer, s)
+        transactor.before_commit = self._before_commit
+        return transactor
+
+    def _before_commit(self, batch: Batch) -> None:
+        if self.before_commit is not None:
+            self.before_commit()
+
     def replay_window(self, tp: TopicPartition, committed: int) -> int:
         """Re-add the trades before `committed` that can still be in a window (no firing)."""
         s = self.s
-        replay = make_consumer(settings=s, group_id=None)
+        replay = make_consumer(settings=s, group_id=None, max_poll_records=10_000)
+        timeout_s = max(s.kafka_timeout_s, 30)
         try:
             replay.assign([tp])
             begin = replay.beginning_offsets([tp])[tp]
             if committed <= begin:
                 return 0
-            last = _last_record_before(replay, tp, max(begin, committed - 16), committed)
-            if last is None:
+            tail = read_records(replay, [tp], timeout_s,
+                                start={tp: max(begin, committed - 16)}, end={tp: committed})  # fmt: skip
+            if not tail:
                 start = begin  # only control records near the end: replay everything
             else:
                 target_ms = (
-                    last.timestamp
+                    tail[-1].timestamp
                     - s.price_window_minutes * 60_000
                     - int(s.price_rebuild_margin_s * 1000)
                 )
                 found = replay.offsets_for_times({tp: max(target_ms, 0)})[tp]
                 start = found.offset if found is not None else begin
-            replay.seek(tp, start)
             count = 0
-            deadline = time.monotonic() + max(s.kafka_timeout_s, 60)
-            while replay.position(tp) < committed and time.monotonic() < deadline:
-                for records in replay.poll(timeout_ms=200, max_records=10_000).values():
-                    for record in records:
-                        if record.offset >= committed:
-                            break
-                        try:
-                            self.state.replay(parse_trade(record.value))
-                            count += 1
-                        except InvalidRecord:
-                            pass  # went to the DLQ when it was first processed
+            for batch in read_to_end(replay, [tp], timeout_s, start={tp: start},
+                                     end={tp: committed}):  # fmt: skip
+                for record in batch:
+                    try:
+                        self.state.replay(parse_trade(record.value))
+                        count += 1
+                    except InvalidRecord:
+                        pass  # went to the DLQ when it was first processed
             return count
         finally:
             replay.close()
-
-    # --- processing ------------------------------------------------------------------------
-
-    def process(self, tp: TopicPartition, records: list[ConsumerRecord]) -> bool:
-        """One transaction: outputs of `records` and the offset after them. False: rebuilt."""
-        s = self.s
-        producer = self.producers[tp.partition]
-        stats = self.stats
-        state = self.state
-        try:
-            producer.begin_transaction()
-            for record in records:
-                try:
-                    trade = parse_trade(record.value)
-                except InvalidRecord as error:
-                    send_to_dlq(producer, record, str(error), s)
-                    stats["dlq"] += 1
-                    continue
-                evaluation = state.on_trade(trade)
-                if not evaluation.accepted:
-                    window = state.windows[trade.product_id]
-                    reason = (
-                        f"too late: event time {time_from_us(trade.time_us).isoformat()} is "
-                        f"before the window start {time_from_us(window.start_us).isoformat()} "
-                        f"of {trade.product_id} (watermark {time_from_us(window.watermark_us).isoformat()})"
-                    )  # fmt: skip
-                    send_to_dlq(producer, record, reason, s)
-                    stats["too_late"] += 1
-                    continue
-                for alert in evaluation.fired:
-                    message = notification(
-                        alert, evaluation.average_units, evaluation.window_end_us, "stream"
-                    )
-                    producer.send(s.notifications_topic, key=alert.user_id, value=message)
-                    producer.send(s.price_alerts_topic, key=alert.alert_id, value=None)
-                    stats["fired"] += 1
-            offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1)}
-            producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
-            if self.before_commit is not None:
-                self.before_commit()
-            producer.commit_transaction()
-            stats["trades"] += len(records)
-            return True
-        except KafkaError as error:
-            # Fenced (a batch firing took the id), a rebalance, or the broker: nothing of this
-            # transaction is visible; rewind to the committed offsets with fresh state.
-            log.warning("transaction on %s failed (%r); rebuilding state", tp, error)
-            stats["aborted"] += 1
-            try:
-                producer.abort_transaction()
-            except Exception:  # the producer may be fenced: it is replaced below anyway
-                pass
-            time.sleep(s.price_fence_backoff_s)
-            self.rebuild_after_failure()
-            return False
-
-    def rebuild_after_failure(self) -> None:
-        assert self.consumer is not None
-        while not self.stop:
-            try:
-                self.rebuild(self.consumer.assignment())
-                return
-            except KafkaError as error:
-                log.warning("rebuild failed (%r); retrying", error)
-                time.sleep(max(self.s.price_fence_backoff_s, 1.0))
-
-
-def _last_record_before(
-    consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int
-) -> ConsumerRecord | None:
-    consumer.seek(tp, start)
-    last = None
-    deadline = time.monotonic() + 10
-    while consumer.position(tp) < end and time.monotonic() < deadline:
-        for records in consumer.poll(timeout_ms=200).values():
-            for record in records:
-                if record.offset < end:
-                    last = record
-    return last
 
 
 def main(argv: list[str]) -> int:
@@ -369,11 +345,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     stop = StopSignal().install()
     worker = PriceAlertsWorker(
-        settings, group_id=args.group, batch_size=args.batch_size, instance=args.instance,
-        stop=stop,
-    )  # fmt: skip
+        settings, group_id=args.group, batch_size=args.batch_size, instance=args.instance
+    )
     log.info(
         "price-alerts worker: %s -> %s (group %s)",
         settings.trades_topic, settings.notifications_topic, args.group,
     )  # fmt: skip
-    return worker.run()
+    with worker:
+        worker.run(stop)
+    return 0

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import queue
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
 
-from kafka import ConsumerRebalanceListener, TopicPartition
-from kafka.errors import FencedInstanceIdError, KafkaError, ProducerFencedError
-from kafka.structs import OffsetAndMetadata
+from kafka import TopicPartition
+from kafka.errors import FencedInstanceIdError
 
+from stream_workers.runtime import Batch, Records, Runtime, Transactor, static_member_id
 from tasks.kafka import (
     StopSignal,
     encode_json,
@@ -32,7 +30,7 @@ from tasks.kafka import (
     make_consumer,
     make_producer,
     project_topics,
-    send_to_dlq,
+    read_records,
 )
 from tasks.settings import Settings, get_settings
 from tasks.transactions import (
@@ -41,8 +39,8 @@ from tasks.transactions import (
     apply_batch,
     encode_alerts,
     encode_changelog,
+    fold_changelog,
     parse_records,
-    read_changelog,
 )
 
 log = logging.getLogger("transaction-alerts")
@@ -52,31 +50,13 @@ def _bytes_or_json(value) -> bytes | None:
     return value if isinstance(value, bytes) else encode_json(value)
 
 
-class _Rebalances(ConsumerRebalanceListener):
-    # kafka-python runs listeners on its IO thread, which must not block (heartbeats): they
-    # only queue the change; the worker applies it on its own thread right after poll().
-    def __init__(self) -> None:
-        self.events: queue.SimpleQueue[tuple[str, set[TopicPartition]]] = queue.SimpleQueue()
-
-    def on_partitions_revoked(self, revoked) -> None:
-        self.events.put(("revoked", set(revoked)))
-
-    def on_partitions_assigned(self, assigned) -> None:
-        self.events.put(("assigned", set(assigned)))
-
-
-@dataclass
-class Stats:
-    transactions: int = 0
-    alerts: int = 0
-    dead_letters: int = 0
-    batches: int = 0
-    aborted: int = 0
-    restored_users: int = 0
-
-
 class TransactionAlertsWorker:
-    """The daemon's logic; `run(stop)` loops until `stop` is truthy (e.g. a StopSignal)."""
+    """Parse -> running totals (tasks.transactions) -> alerts and changelog, per poll batch.
+
+    `with worker: worker.run(stop)`; `stop` is e.g. a StopSignal.
+    """
+
+    name = "transaction-alerts"
 
     def __init__(
         self,
@@ -102,29 +82,32 @@ class TransactionAlertsWorker:
         self.totals: dict[str, UserTotal] = {}
         self.users_of: dict[int, set[str]] = defaultdict(set)
         self.owned: set[int] = set()  # source partitions assigned AND restored
-        self.stats = Stats()
-        self.paused_until: float | None = None  # after an abort: wait to rejoin the group
-        self.rebalances = _Rebalances()
+        self.restored_users = 0
+        self.bad_changelog_records = 0
         self.restorer = make_consumer(settings=s, group_id=None, max_poll_records=10_000)
         self.partitions = self._co_partitioned()
 
         # One transactional id per worker instance: a restart under the same --instance
         # fences its predecessor and aborts the transaction it left open at once.
         self.instance = instance or uuid.uuid4().hex[:12]
-        self.producer = self._make_producer()
+        self.transactor = Transactor(self._make_producer, s, exactly_once=exactly_once)
         session = s.transaction_alerts_session_timeout_ms
-        self.consumer = make_consumer(
+        consumer = make_consumer(
             settings=s,
             group_id=s.transaction_alerts_group,
             # static membership only with an explicit instance: a quick restart then gets its
             # partitions back without a rebalance of the others.
-            group_instance_id=instance,
+            group_instance_id=static_member_id(s.transaction_alerts_group, instance),
             session_timeout_ms=session,
             heartbeat_interval_ms=session // 3,
             max_poll_records=self.batch_size,
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
-        self.consumer.subscribe([self.topic], listener=self.rebalances)
+        self.runtime = Runtime(
+            self, consumer, [self.topic], max_records=self.batch_size,
+            closers=[self.transactor.close, self.restorer.close],
+        )  # fmt: skip
+        self.stats = self.runtime.stats
 
     def _make_producer(self):
         s = self.settings
@@ -132,14 +115,12 @@ class TransactionAlertsWorker:
         options = {"batch_size": 256 * 1024, "value_serializer": _bytes_or_json}
         if not self.exactly_once:
             return make_producer(s, **options)
-        producer = make_producer(
+        return make_producer(
             s,
             transactional_id=f"{s.transaction_alerts_group}-{self.instance}",
             transaction_timeout_ms=s.transaction_alerts_txn_timeout_ms,
             **options,
         )
-        producer.init_transactions()  # fences older producers of this id, aborts their txn
-        return producer
 
     def _co_partitioned(self) -> int:
         s = self.settings
@@ -156,44 +137,65 @@ class TransactionAlertsWorker:
         self.alerts_copartitioned = alerts == source
         return len(source)
 
-    # --- the loop ---------------------------------------------------------------------
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def __enter__(self) -> TransactionAlertsWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def run(self, stop: StopSignal | None = None) -> None:
-        stop = StopSignal() if stop is None else stop
-        last_log, logged = time.monotonic(), 0
-        while not stop:
-            polled = self.consumer.poll(timeout_ms=500, max_records=self.batch_size)
-            self._apply_rebalances()
-            if self.paused_until is not None and time.monotonic() >= self.paused_until:
-                self.consumer.resume(*self.consumer.paused())
-                self.paused_until = None
-            # Only partitions we (still) own and have restored.
-            polled = {tp: rs for tp, rs in polled.items() if tp.partition in self.owned}
-            if polled:
-                self._process(polled)
-            if time.monotonic() - last_log >= 10:
-                rate = (self.stats.transactions - logged) / (time.monotonic() - last_log)
-                log.info("%s; %.0f transactions/s; partitions %s",
-                         self.stats, rate, sorted(self.owned))  # fmt: skip
-                last_log, logged = time.monotonic(), self.stats.transactions
+        self.runtime.run(stop)
 
     def close(self) -> None:
-        self.consumer.close()
-        self.producer.close()
-        self.restorer.close()
+        self.runtime.close()
 
-    def _apply_rebalances(self) -> None:
-        while True:
-            try:
-                kind, tps = self.rebalances.events.get_nowait()
-            except queue.Empty:
-                return
-            partitions = {tp.partition for tp in tps if tp.topic == self.topic}
-            if self.paused_until is not None:  # a rebalance: the group has caught up
-                self.paused_until = time.monotonic()
-            self._drop(partitions)
-            if kind == "assigned":
-                self._restore(partitions)
+    # --- the processor hooks ------------------------------------------------------------
+
+    def scopes(self, polled: Records) -> list[tuple[Transactor, Records]]:
+        return [(self.transactor, polled)]  # one transaction per poll batch
+
+    def process(self, records: Records) -> Batch:
+        flat = [r for rs in records.values() for r in rs]
+        frame, rejects = parse_records(flat, self.rules, self.partitions)
+        new_totals, alerts = apply_batch(self.totals, frame, self.rules)
+        homes = dict(frame.select("user", "partition").unique("user").iter_rows())
+        batch = Batch(records, dead_letters=rejects, state=(new_totals, homes, alerts.height))
+        s = self.settings
+        scale = self.rules.scale
+        emit = batch.outputs.append
+        alerts_topic = s.transaction_alerts_topic
+        for key, value, partition in encode_alerts(alerts, scale):
+            # A user's alerts stay in one partition, the one its key hashes to (= its
+            # source partition when the counts match: no pure-Python murmur2 per alert).
+            emit((alerts_topic, key, value, partition if self.alerts_copartitioned else None))
+        changelog = s.transaction_totals_changelog_topic
+        for key, value in encode_changelog(new_totals, scale):
+            # co-partitioned: a restore of partition p reads changelog partition p
+            emit((changelog, key, value, homes[key.decode()]))
+        return batch
+
+    def on_committed(self, batch: Batch) -> None:
+        # Committed: only now does the in-memory state move on.
+        if batch.state is None:  # only dead letters (a record the rules failed on)
+            return
+        new_totals, homes, alerts = batch.state
+        self.stats.counts["alerts"] += alerts
+        for user, total in new_totals.items():
+            self.totals[user] = total
+            self.users_of[homes[user]].add(user)
+
+    def on_aborted(self, records: Records) -> None:
+        """Nothing to drop: a batch's totals are applied only once it committed."""
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        self._restore({tp.partition for tp in partitions if tp.topic == self.topic})
+
+    def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        self._drop({tp.partition for tp in partitions if tp.topic == self.topic})
+
+    # --- state --------------------------------------------------------------------------
 
     def _drop(self, partitions: set[int]) -> None:
         self.owned -= partitions
@@ -202,113 +204,32 @@ class TransactionAlertsWorker:
                 self.totals.pop(user, None)
 
     def _restore(self, partitions: set[int]) -> None:
+        """The partitions' totals from the changelog, read_committed, to its end."""
         if not partitions:
             return
         started = time.monotonic()
-        restored = read_changelog(partitions, settings=self.settings, consumer=self.restorer)
+        s = self.settings
+        topic = s.transaction_totals_changelog_topic
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        timeout_s = max(30.0, s.kafka_timeout_s)
+        records = read_records(self.restorer, tps, timeout_s)
+        self.restorer.assign([])  # holds no partitions between restores
+        restored, bad = fold_changelog(records, partitions, self.rules.scale)
+        for record, reason in bad:
+            # A poison record must not stop the worker (now or on every restart): the
+            # user's total is the last good value before it.
+            log.error("skipping a bad changelog record %s[%d]@%d: %s",
+                      record.topic, record.partition, record.offset, reason)  # fmt: skip
+        self.bad_changelog_records += len(bad)
         for p, totals in restored.items():
+            self._drop({p})
             self.totals.update(totals)
             self.users_of[p] = set(totals)
             self.owned.add(p)
-            self.stats.restored_users += len(totals)
+            self.restored_users += len(totals)
         log.info("restored %d users of partitions %s from the changelog in %.2fs",
                  sum(map(len, restored.values())), sorted(partitions),
                  time.monotonic() - started)  # fmt: skip
-
-    def _process(self, polled: dict[TopicPartition, list]) -> None:
-        records = [r for rs in polled.values() for r in rs]
-        frame, rejects = parse_records(records, self.rules, self.partitions)
-        new_totals, alerts = apply_batch(self.totals, frame, self.rules)
-        homes = dict(frame.select("user", "partition").unique("user").iter_rows())
-        offsets = {tp: OffsetAndMetadata(rs[-1].offset + 1, "", -1) for tp, rs in polled.items()}
-        if self.exactly_once:
-            if not self._commit_transaction(alerts, new_totals, homes, rejects, offsets):
-                return
-        else:
-            self._send(alerts, new_totals, homes, rejects)
-            self.producer.flush()
-            try:
-                self.consumer.commit(offsets)
-            except KafkaError as error:  # at least once: the batch comes again, outputs twice
-                log.warning("offset commit failed (%s); the batch will be redelivered", error)
-        # Committed: only now does the in-memory state move on.
-        for user, total in new_totals.items():
-            self.totals[user] = total
-            self.users_of[homes[user]].add(user)
-        self.stats.transactions += len(records)
-        self.stats.alerts += alerts.height
-        self.stats.dead_letters += len(rejects)
-        self.stats.batches += 1
-
-    def _send(self, alerts, new_totals, homes, rejects) -> None:
-        s = self.settings
-        scale = self.rules.scale
-        send = self.producer.send
-        for key, value, partition in encode_alerts(alerts, scale):
-            # A user's alerts stay in one partition, the one its key hashes to (= its
-            # source partition when the counts match: no pure-Python murmur2 per alert).
-            send(s.transaction_alerts_topic, key=key, value=value,
-                 partition=partition if self.alerts_copartitioned else None)  # fmt: skip
-        changelog = s.transaction_totals_changelog_topic
-        for key, value in encode_changelog(new_totals, scale):
-            # co-partitioned: a restore of partition p reads changelog partition p
-            send(changelog, key=key, value=value, partition=homes[key.decode()])
-        for record, reason in rejects:
-            send_to_dlq(self.producer, record, reason, s)
-
-    def _commit_transaction(self, alerts, new_totals, homes, rejects, offsets) -> bool:
-        try:
-            self.producer.begin_transaction()
-            self._send(alerts, new_totals, homes, rejects)
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
-            self.producer.commit_transaction()
-            return True
-        except ProducerFencedError:
-            # Our epoch is stale: the broker aborted our transaction after a pause longer
-            # than the transaction timeout (a zombie), or a restart of this instance
-            # started. A new producer re-fences; if another live process really has this
-            # --instance, its consumer's FencedInstanceIdError stops one of the two.
-            log.warning("producer fenced; recreating it and rewinding to the last commit")
-            self.producer.close(timeout=0)
-            self.producer = self._make_producer()
-            self.stats.aborted += 1
-            self._rewind()
-            return False
-        except KafkaError as error:
-            # Typically a rebalance between poll and commit (stale generation): nothing of
-            # this batch is visible. Abort, then go back to the last committed state.
-            log.warning("batch aborted (%s: %s); rewinding to the last commit",
-                        type(error).__name__, error)  # fmt: skip
-            try:
-                self.producer.abort_transaction()
-            except Exception as abort_error:  # unusable producer (e.g. a broker outage)
-                # "A broker restart: reconnect and go on": replace it like a fenced one.
-                log.warning("abort failed (%s); recreating the producer",
-                            type(abort_error).__name__)  # fmt: skip
-                self.producer.close(timeout=0)
-                self.producer = self._make_producer()
-            self.stats.aborted += 1
-            self._rewind()
-            return False
-
-    def _rewind(self) -> None:
-        owned = {tp for tp in self.consumer.assignment() if tp.topic == self.topic}
-        committed = {tp: self.consumer.committed(tp) for tp in owned}
-        for tp, offset in committed.items():
-            if offset is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, offset)
-        partitions = {tp.partition for tp in owned}
-        self._drop(set(self.owned) | partitions)
-        self._restore(partitions)
-        # Most aborts mean the group moved on (a zombie's stale generation): poll without
-        # fetching until it has rejoined (a rebalance) or a heartbeat interval has passed,
-        # rather than redoing the same batch only to be refused again.
-        self.consumer.pause(*owned)
-        self.paused_until = (
-            time.monotonic() + self.settings.transaction_alerts_session_timeout_ms / 3000
-        )
 
 
 def main(argv: list[str]) -> int:
@@ -329,7 +250,6 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per connection
     stop = StopSignal().install()
     worker = TransactionAlertsWorker(
         instance=args.instance, exactly_once=not args.at_least_once, batch_size=args.batch_size
@@ -337,12 +257,10 @@ def main(argv: list[str]) -> int:
     log.info("instance %s consuming %s in group %s (%s)", worker.instance, worker.topic,
              worker.settings.transaction_alerts_group,
              "exactly once" if worker.exactly_once else "at least once")  # fmt: skip
-    try:
-        worker.run(stop)
-    except FencedInstanceIdError as error:
-        log.error("stopping: another process runs as instance %r (%s)", args.instance, error)
-        return 1
-    finally:
-        log.info("stopped: %s", worker.stats)
-        worker.close()
+    with worker:
+        try:
+            worker.run(stop)
+        except FencedInstanceIdError as error:
+            log.error("stopping: another process runs as instance %r (%s)", args.instance, error)
+            return 1
     return 0

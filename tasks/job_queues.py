@@ -4,12 +4,11 @@ which job ids already have results, and how much REALTIME / NORMAL work is pendi
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 from datetime import datetime
 
 from tasks.jobs import Priority
-from tasks.kafka import committed_lag, make_admin, make_consumer, partitions_of
+from tasks.kafka import committed_lag, make_admin, make_consumer, partitions_of, read_to_end
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -35,21 +34,14 @@ def result_ids_since(
         tps = partitions_of(consumer, s.job_results_topic(processor))
         if not tps:
             return found
-        consumer.assign(tps)
-        end = consumer.end_offsets(tps)
         start = consumer.beginning_offsets(tps)
         if since is not None:
+            end = consumer.end_offsets(tps)
             by_time = consumer.offsets_for_times({tp: int(since.timestamp() * 1000) for tp in tps})
             start = {tp: by_time[tp].offset if by_time[tp] else end[tp] for tp in tps}
-        for tp in tps:
-            consumer.seek(tp, start[tp])
-        deadline = time.monotonic() + max(60.0, s.kafka_timeout_s)
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {s.job_results_topic(processor)} did not finish")
-            for tp, records in consumer.poll(timeout_ms=200).items():
-                # Keys only: the job id is the key, no need to parse the values.
-                found.update(r.key.decode() for r in records if r.key and r.offset < end[tp])
+        for records in read_to_end(consumer, tps, max(60.0, s.kafka_timeout_s), start=start):
+            # Keys only: the job id is the key, no need to parse the values.
+            found.update(r.key.decode() for r in records if r.key)
     finally:
         consumer.close()
     return found

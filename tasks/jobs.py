@@ -16,12 +16,12 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import polars as pl
-from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import to_jsonable_python
 
 from tasks.kafka import decode_json
 from tasks.settings import Settings
+from tasks.wire import InvalidRecord, RecordT
 
 
 class Priority(StrEnum):
@@ -196,8 +196,8 @@ def timed_out(job_id: UUID, reason: str, clock: Callable[[], datetime] = utcnow)
 # --- parsing job messages -----------------------------------------------------------------
 
 
-class BadJobMessage(ValueError):
-    """A job message that cannot be parsed or validated; the text is the DLQ reason."""
+# The old name, still caught by stream_workers/jobs.py.
+BadJobMessage = InvalidRecord
 
 
 def parse_job(
@@ -211,15 +211,15 @@ def parse_job(
     idempotency by job id), and a message key, when present, must be that id.
     """
     if raw is None:
-        raise BadJobMessage("empty message (null value)")
+        raise InvalidRecord("empty message (null value)")
     try:
         payload = decode_json(raw)
     except (UnicodeDecodeError, ValueError) as error:
-        raise BadJobMessage(f"not JSON: {error}") from error
+        raise InvalidRecord(f"not JSON: {error}") from error
     if not isinstance(payload, dict):
-        raise BadJobMessage(f"not a JSON object: {type(payload).__name__}")
+        raise InvalidRecord(f"not a JSON object: {type(payload).__name__}")
     if payload.get("id") is None:
-        raise BadJobMessage("missing id")
+        raise InvalidRecord("missing id")
     payload.setdefault("processor", processor)
     payload.setdefault("priority", priority.value)
     try:
@@ -228,13 +228,13 @@ def parse_job(
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'job'}: {e['msg']}" for e in error.errors()
         )
-        raise BadJobMessage(f"invalid job: {problems}") from error
+        raise InvalidRecord(f"invalid job: {problems}") from error
     if job.processor != processor:
-        raise BadJobMessage(f"job for processor {job.processor!r} on a {processor!r} topic")
+        raise InvalidRecord(f"job for processor {job.processor!r} on a {processor!r} topic")
     if job.priority != priority:
-        raise BadJobMessage(f"{job.priority.value} job on the {priority.value} topic")
+        raise InvalidRecord(f"{job.priority.value} job on the {priority.value} topic")
     if key is not None and key.decode("utf-8", "replace").strip().lower() != str(job.id):
-        raise BadJobMessage(f"message key {key!r} is not the job id {job.id}")
+        raise InvalidRecord(f"message key {key!r} is not the job id {job.id}")
     return job
 
 
@@ -264,15 +264,15 @@ RESULTS_SCHEMA = {
 
 
 def ledger_frame(
-    records: Sequence[ConsumerRecord], processor: str, priority: Priority = Priority.SLOW
-) -> tuple[pl.DataFrame, list[tuple[ConsumerRecord, str]]]:
+    records: Sequence[RecordT], processor: str, priority: Priority = Priority.SLOW
+) -> tuple[pl.DataFrame, list[tuple[RecordT, str]]]:
     """Job ledger rows for the records that are valid jobs, and (record, reason) for the rest."""
     rows: list[dict[str, Any]] = []
-    rejects: list[tuple[ConsumerRecord, str]] = []
+    rejects: list[tuple[RecordT, str]] = []
     for record in records:
         try:
             job = parse_job(record.value, processor, priority, record.key)
-        except BadJobMessage as error:
+        except InvalidRecord as error:
             rejects.append((record, str(error)))
             continue
         rows.append(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -326,22 +327,113 @@ def send_to_dlq(
     )
 
 
+# --- reading a topic to its end -----------------------------------------------------------
+
+
+class ReadTimeoutError(TimeoutError):
+    """Reading partitions to their end made no progress for too long."""
+
+
+def read_to_end(
+    consumer: KafkaConsumer,
+    partitions: Iterable[TopicPartition],
+    timeout_s: float,
+    *,
+    start: dict[TopicPartition, int] | None = None,
+    end: dict[TopicPartition, int] | None = None,
+    batch_records: int = 10_000,
+) -> Iterator[list[ConsumerRecord]]:
+    """Read `partitions` from `start` (default: their beginning) up to `end` (default: the
+    end offsets taken now; read_committed: the last stable offset), in batches of records.
+
+    The consumer is assigned exactly these partitions; afterwards each sits at its end.
+    Raises ReadTimeoutError, naming the partitions and how far each got, when no partition
+    advances for `timeout_s` (a stall, not a long read, is the error).
+    """
+    tps = sorted(set(partitions))
+    if not tps:
+        return
+    consumer.assign(tps)
+    if start is None:
+        consumer.seek_to_beginning(*tps)
+    else:
+        for tp in tps:
+            consumer.seek(tp, start[tp])
+    ends = dict(end) if end is not None else consumer.end_offsets(tps)
+    positions = {tp: consumer.position(tp) for tp in tps}
+    progressed = time.monotonic()
+    batch: list[ConsumerRecord] = []
+    while any(positions[tp] < ends[tp] for tp in tps):
+        polled = consumer.poll(timeout_ms=200, max_records=max(1, batch_records - len(batch)))
+        for tp, records in polled.items():
+            limit = ends[tp]
+            batch.extend(records if records[-1].offset < limit else
+                         [r for r in records if r.offset < limit])  # fmt: skip
+        now_at = {tp: consumer.position(tp) for tp in tps}
+        for tp, offset in now_at.items():
+            if offset > ends[tp]:  # fetched past the end: leave it at the end
+                consumer.seek(tp, ends[tp])
+                now_at[tp] = ends[tp]
+        if now_at != positions:
+            positions, progressed = now_at, time.monotonic()
+        elif time.monotonic() - progressed > timeout_s:
+            behind = {f"{tp.topic}[{tp.partition}]": f"{positions[tp]}/{ends[tp]}"
+                      for tp in tps if positions[tp] < ends[tp]}  # fmt: skip
+            raise ReadTimeoutError(
+                f"reading {', '.join(sorted({tp.topic for tp in tps}))} partitions "
+                f"{[tp.partition for tp in tps]} to their end made no progress for "
+                f"{timeout_s:g}s; position/end of those behind: {behind}"
+            )
+        if len(batch) >= batch_records:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def read_records(
+    consumer: KafkaConsumer, partitions: Iterable[TopicPartition], timeout_s: float, **options: Any
+) -> list[ConsumerRecord]:
+    """Every record `read_to_end` yields, as one list."""
+    return [r for batch in read_to_end(consumer, partitions, timeout_s, **options) for r in batch]
+
+
 # --- daemons ------------------------------------------------------------------------------
 
 
 class StopSignal:
-    """Set by SIGTERM / SIGINT: daemons finish the current batch, commit, and exit 0."""
+    """Set by SIGTERM / SIGINT: daemons finish the current batch, commit, and exit 0.
 
-    def __init__(self) -> None:
+    A second signal exits at once (exit status 128 + the signal number).
+    """
+
+    def __init__(self, *conditions: Callable[[], bool]) -> None:
         self._event = threading.Event()
+        self._conditions = conditions
+
+    def also(self, *conditions: Callable[[], bool]) -> StopSignal:
+        """This signal, also set once any of `conditions` holds (checked when asked)."""
+        combined = StopSignal(*self._conditions, *conditions)
+        combined._event = self._event
+        return combined
 
     def install(self) -> StopSignal:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self._event.set())
+            signal.signal(signum, self._on_signal)
         return self
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self._event.is_set():
+            os._exit(128 + signum)
+        self._event.set()
 
     def set(self) -> None:
         self._event.set()
 
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep up to `timeout_s`, waking early when signalled; True if stopped."""
+        self._event.wait(timeout_s)
+        return bool(self)
+
     def __bool__(self) -> bool:
-        return self._event.is_set()
+        return self._event.is_set() or any(condition() for condition in self._conditions)

@@ -25,28 +25,28 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, localcontext
 from typing import Any, Literal, NamedTuple
 
-from kafka.partitioner.default import murmur2
 from pydantic import BaseModel, ConfigDict, field_serializer, field_validator
 
 from tasks.kafka import decode_json
+from tasks.wire import InvalidRecord, TimeReasons, aware_time, key_partition, try_minor_units
 
 PRICE_SCALE = 8  # decimal places kept for prices, thresholds, sizes and averages
 UNITS = 10**PRICE_SCALE
 MAX_UNITS = 10**18 - 1  # DECIMAL(18,8)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 PRODUCT_ID = re.compile(r"[A-Z0-9]{2,12}-[A-Z0-9]{2,12}")  # used with fullmatch
 SIDES = ("buy", "sell")
 TRADE_FIELDS = ("trade_id", "product_id", "price", "size", "side", "time")
-
-
-class InvalidRecord(ValueError):
-    """A record that breaks the contract; the message is the DLQ reason."""
+TIME_REASONS = TimeReasons(
+    not_iso="{name}: {value!r} is not an ISO-8601 time",
+    naive="{name}: {value!r} has no timezone (expected UTC, e.g. ...Z)",
+)
 
 
 # --- field rules (shared by the fast parsers and the pydantic models) ----------------------
 
 
-_PLAIN = re.compile(r"([0-9]{1,10})(?:\.([0-9]{1,8}))?")
 # The contract's shape: ASCII digits with an optional fraction (no exponent, no "_").
 _SHAPE = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
 _NOT_FINITE = {"nan", "snan", "inf", "infinity"}
@@ -55,13 +55,11 @@ _NOT_FINITE = {"nan", "snan", "inf", "infinity"}
 def decimal_units(value: Any, name: str) -> int:
     """A positive decimal string (<= 8 places, < 10^10) as an integer of 10^-8 units."""
     if isinstance(value, str):
-        # Fast path for the usual "6500.01": plain digits need no Decimal (same result).
-        plain = _PLAIN.fullmatch(value)
-        if plain is not None:
-            whole, fraction = plain.groups()
-            units = int(whole) * UNITS + (int(fraction.ljust(PRICE_SCALE, "0")) if fraction else 0)
-            if units > 0:
-                return units
+        # Fast path for the usual "6500.01": plain digits need no Decimal (same result). The
+        # Decimal path below words the reason of a refusal, in the price contract's order.
+        units = try_minor_units(value, PRICE_SCALE)
+        if units is not None and 0 < units <= MAX_UNITS:
+            return units
     if isinstance(value, Decimal):
         value = format(value, "f")
     if not isinstance(value, str):
@@ -101,13 +99,7 @@ def parse_time_us(value: Any, name: str = "time") -> int:
     """An ISO-8601 time with a timezone as integer microseconds since the epoch (UTC)."""
     if not isinstance(value, str):
         raise InvalidRecord(f"{name}: {value!r} is not an ISO-8601 string")
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidRecord(f"{name}: {value!r} is not an ISO-8601 time") from None
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise InvalidRecord(f"{name}: {value!r} has no timezone (expected UTC, e.g. ...Z)")
-    return (moment - EPOCH) // timedelta(microseconds=1)
+    return (aware_time(value, name, TIME_REASONS) - EPOCH) // _MICROSECOND
 
 
 def time_from_us(us: int) -> datetime:
@@ -166,7 +158,7 @@ def fires(sum_units: int, count: int, threshold_units: int) -> bool:
 
 def product_partition(product_id: str, partitions: int) -> int:
     """The `trades` partition of a product: Kafka's default partitioner (murmur2 of the key)."""
-    return (murmur2(product_id.encode()) & 0x7FFFFFFF) % partitions
+    return key_partition(product_id.encode(), partitions)
 
 
 def fire_transactional_id(prefix: str, trades_topic: str, partition: int) -> str:

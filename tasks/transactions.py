@@ -11,27 +11,35 @@ alert, exactly at a threshold -> nothing; every transaction while beyond alerts 
 from __future__ import annotations
 
 import math
-import random
-import re
-import time as _time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
 from decimal import Decimal
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 import polars as pl
-from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.partitioner.default import murmur2
 
-from tasks.kafka import decode_json, make_consumer
-from tasks.kafka import group_lag as kafka_group_lag
+from tasks.kafka import decode_json
 from tasks.settings import Settings, get_settings
+from tasks.wire import (
+    DecimalReasons,
+    InvalidRecord,
+    TimeReasons,
+    aware_time,
+    key_partition,
+    minor_units,
+)
 
 MAX_USER_LENGTH = 200  # a user name longer than this is not a name but bad input
-_AMOUNT = re.compile(r"([+-]?)([0-9]{1,40})(?:\.([0-9]{1,40}))?")  # ASCII digits only
+AMOUNT_REASONS = DecimalReasons(
+    not_decimal="{name} {short!r} is not a decimal number",
+    too_precise="{name} {value!r} has more than {scale} decimal places",
+)
+TIME_REASONS = TimeReasons(
+    not_iso="{name} {short!r} is not ISO-8601",
+    naive="{name} {value!r} has no time zone (times are UTC)",
+)
 
 Rejects = list[tuple[ConsumerRecord, str]]
 
@@ -50,10 +58,6 @@ ALERT_SCHEMA = {
     "partition": pl.Int32,
     "offset": pl.Int64,
 }
-
-
-class Invalid(ValueError):
-    """A transaction that cannot be accepted; the message is the DLQ reason."""
 
 
 @dataclass(frozen=True)
@@ -113,16 +117,8 @@ class Transaction:
 
 
 def to_minor(text: str, scale: int) -> int:
-    """A decimal string as integer minor units; Invalid if not a plain decimal at `scale`."""
-    match = _AMOUNT.fullmatch(text)
-    if match is None:
-        raise Invalid(f"amount {text[:40]!r} is not a decimal number")
-    sign, whole, frac = match.groups()
-    frac = (frac or "").rstrip("0")
-    if len(frac) > scale:
-        raise Invalid(f"amount {text!r} has more than {scale} decimal places")
-    minor = int(whole) * 10**scale + (int(frac.ljust(scale, "0")) if scale else 0)
-    return -minor if sign == "-" else minor
+    """An amount as integer minor units; InvalidRecord if not a plain decimal at `scale`."""
+    return minor_units(text, scale, "amount", AMOUNT_REASONS)
 
 
 def format_minor(minor: int, scale: int) -> str:
@@ -136,69 +132,58 @@ def format_minor(minor: int, scale: int) -> str:
 
 
 def validate(key: bytes | None, value: bytes | None, rules: Rules) -> tuple[str, int, str]:
-    """`(user, amount in minor units, time)` of a raw message, or Invalid with the reason."""
+    """`(user, amount in minor units, time)` of a raw message, or InvalidRecord with the reason."""
     try:
         return _validate(key, value, rules)
-    except Invalid:
+    except InvalidRecord:
         raise
     except (ValueError, ArithmeticError, RecursionError, UnicodeError) as error:
         # Whatever a bad message trips on, it is a reason for the DLQ, never a crash.
-        raise Invalid(f"invalid message: {type(error).__name__}: {error}") from None
+        raise InvalidRecord(f"invalid message: {type(error).__name__}: {error}") from None
 
 
 def _validate(key: bytes | None, value: bytes | None, rules: Rules) -> tuple[str, int, str]:
     if value is None:
-        raise Invalid("empty message (null value)")
+        raise InvalidRecord("empty message (null value)")
     try:
         data = decode_json(value)
     except (UnicodeError, ValueError, RecursionError) as error:  # RecursionError: deep nesting
-        raise Invalid(f"not valid JSON: {error}") from None
+        raise InvalidRecord(f"not valid JSON: {error}") from None
     if not isinstance(data, dict):
-        raise Invalid(f"not a JSON object but {type(data).__name__}")
+        raise InvalidRecord(f"not a JSON object but {type(data).__name__}")
     user = data.get("user")
     if user is None or user == "":
-        raise Invalid("missing user")
+        raise InvalidRecord("missing user")
     if not isinstance(user, str):
-        raise Invalid(f"user must be a string, got {type(user).__name__}")
+        raise InvalidRecord(f"user must be a string, got {type(user).__name__}")
     if not user.strip():
-        raise Invalid("blank user")
+        raise InvalidRecord("blank user")
     if len(user) > MAX_USER_LENGTH:
-        raise Invalid(f"user longer than {MAX_USER_LENGTH} characters")
+        raise InvalidRecord(f"user longer than {MAX_USER_LENGTH} characters")
     try:
         user_key = user.encode()
     except UnicodeEncodeError:  # a lone surrogate ("\ud800") cannot be a Kafka key
-        raise Invalid(f"user {user[:40]!r} is not valid Unicode text") from None
+        raise InvalidRecord(f"user {user[:40]!r} is not valid Unicode text") from None
     amount = data.get("amount")
     if amount is None:
-        raise Invalid("missing amount")
+        raise InvalidRecord("missing amount")
     if not isinstance(amount, str):
         # JSON numbers may have passed through binary floats: only strings are exact.
-        raise Invalid(f"amount must be a decimal string, got {type(amount).__name__}")
-    minor = to_minor(amount, rules.scale)
+        raise InvalidRecord(f"amount must be a decimal string, got {type(amount).__name__}")
+    minor = minor_units(amount, rules.scale, "amount", AMOUNT_REASONS)  # to_minor, one call less
     if abs(minor) > rules.max_abs_minor:
-        raise Invalid(f"absurd amount {amount}: beyond the bound of ±{rules.max_abs_amount}")
+        raise InvalidRecord(f"absurd amount {amount}: beyond the bound of ±{rules.max_abs_amount}")
     at = data.get("time")
     if not isinstance(at, str):
-        raise Invalid("missing time" if at is None else "time must be an ISO-8601 string")
-    try:
-        parsed = datetime.fromisoformat(at)
-    except ValueError:
-        raise Invalid(f"time {at[:40]!r} is not ISO-8601") from None
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        raise Invalid(f"time {at!r} has no time zone (times are UTC)")
+        raise InvalidRecord("missing time" if at is None else "time must be an ISO-8601 string")
+    parsed = aware_time(at, "time", TIME_REASONS)
     if parsed.utcoffset():  # another offset (+05:00): the outputs' times are ISO-8601 UTC
         at = parsed.astimezone(UTC).isoformat()
     if key is None:
-        raise Invalid("missing key (the key must be the user)")
+        raise InvalidRecord("missing key (the key must be the user)")
     if key != user_key:
-        raise Invalid("key does not match user")
+        raise InvalidRecord("key does not match user")
     return user, minor, at
-
-
-@lru_cache(maxsize=65_536)  # murmur2 is pure Python; a batch meets the same users again
-def key_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner picks for `key` (murmur2, like Java's)."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def parse_records(
@@ -217,11 +202,11 @@ def parse_records(
             if partitions is not None:
                 home = key_partition(record.key, partitions)
                 if home != record.partition:
-                    raise Invalid(
+                    raise InvalidRecord(
                         f"on partition {record.partition} but its key hashes to {home}: "
                         "produce with the user as key and the default partitioner"
                     )
-        except Invalid as error:
+        except InvalidRecord as error:
             rejects.append((record, str(error)))
             continue
         parts.append(record.partition)
@@ -383,92 +368,28 @@ def parse_changelog_value(user: str, value: dict[str, Any], scale: int) -> UserT
     )  # fmt: skip
 
 
-# --- the changelog (IO shared by the worker's restore and the batch check) -----------------
+# --- the changelog ------------------------------------------------------------------------
 
 
-def read_changelog(
-    partitions: Iterable[int] | None = None,
-    *,
-    settings: Settings | None = None,
-    consumer=None,
-    timeout_s: float | None = None,
-) -> dict[int, dict[str, UserTotal]]:
-    """Latest total per user of the changelog partitions (all by default), read_committed,
-    from the beginning to the end offsets taken at the start."""
-    s = settings or get_settings()
-    topic = s.transaction_totals_changelog_topic
-    own = consumer is None
-    consumer = consumer or make_consumer(settings=s, group_id=None, max_poll_records=10_000)
-    try:
-        if partitions is None:
-            partitions = sorted(consumer.partitions_for_topic(topic) or [])
-        tps = [TopicPartition(topic, p) for p in partitions]
-        state: dict[int, dict[str, UserTotal]] = {tp.partition: {} for tp in tps}
-        if not tps:
-            return state
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)  # read_committed: the last stable offset
-        deadline = _time.monotonic() + (timeout_s or max(30.0, s.kafka_timeout_s))
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            if _time.monotonic() > deadline:
-                raise TimeoutError(f"changelog {topic} not read to {end} in time")
-            for tp, batch in consumer.poll(timeout_ms=200).items():
-                totals = state[tp.partition]
-                for record in batch:
-                    if record.offset >= end[tp]:
-                        break
-                    user = record.key.decode()
-                    value = decode_json(record.value)
-                    if value is None:
-                        totals.pop(user, None)  # a tombstone
-                    else:
-                        totals[user] = parse_changelog_value(
-                            user, value, s.transaction_amount_scale
-                        )
-        consumer.assign([])  # a reused consumer holds no partitions between restores
-        return state
-    finally:
-        if own:
-            consumer.close()
+def fold_changelog(
+    records: Iterable[Any], partitions: Iterable[int], scale: int
+) -> tuple[dict[int, dict[str, UserTotal]], Rejects]:
+    """The latest total per user of each changelog partition, from its records in order.
 
-
-def group_lag(settings: Settings | None = None) -> int | None:
-    """Transactions not yet committed by the worker group (None: it never committed)."""
-    s = settings or get_settings()
-    return kafka_group_lag(s.transaction_alerts_group, [s.transactions_topic], s)
-
-
-# --- sample traffic -----------------------------------------------------------------------
-
-
-def user_names(users: int) -> list[str]:
-    return [f"user-{i:03d}" for i in range(users)]
-
-
-def generate(
-    users: int,
-    count: int,
-    *,
-    seed: int = 1,
-    start: datetime | None = None,
-    spacing: timedelta = timedelta(milliseconds=2),
-    scale: int = 2,
-) -> Iterator[Transaction]:
-    """Seeded random transactions: each user's balance wanders around zero (mean-reverting)
-    widely enough to cross both ±2000 thresholds again and again."""
-    rng = random.Random(seed)
-    names = user_names(users)
-    balances = [0] * users
-    at = start or datetime.now(UTC)
-    unit = 10**scale
-    for i in range(count):
-        u = rng.randrange(users)
-        minor = rng.randint(-1500 * unit, 1500 * unit) - balances[u] // 4
-        if rng.random() < 0.3:
-            minor -= minor % unit  # some whole amounts ("-1250"), as people type them
-        balances[u] += minor
-        amount = Decimal(minor).scaleb(-scale)
-        if minor % unit == 0:
-            amount = Decimal(minor // unit)
-        yield Transaction(names[u], amount, (at + spacing * i).isoformat())
+    A malformed record (a poison pill) is returned with its reason instead of stopping the
+    restore: the user keeps the last good total before it.
+    """
+    state: dict[int, dict[str, UserTotal]] = {p: {} for p in partitions}
+    bad: Rejects = []
+    for record in records:
+        totals = state.setdefault(record.partition, {})
+        try:
+            user = record.key.decode()
+            value = decode_json(record.value)
+            if value is None:
+                totals.pop(user, None)  # a tombstone
+            else:
+                totals[user] = parse_changelog_value(user, value, scale)
+        except (AttributeError, ValueError, TypeError, KeyError, ArithmeticError) as error:
+            bad.append((record, f"bad changelog record: {type(error).__name__}: {error}"))
+    return state, bad

@@ -23,7 +23,7 @@ import polars as pl
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from tasks.kafka import make_consumer
+from tasks.kafka import make_consumer, read_to_end
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -203,48 +203,28 @@ def load_topic(
             log.warning("topic %s does not exist (yet): nothing to load", topic)
             return result
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        start = stored_offsets(con, topic, sink)
+        stored = stored_offsets(con, topic, sink)
         earliest = consumer.beginning_offsets(tps)
+        start = {}
         for tp in tps:
-            offset = start.get(tp.partition, 0)
-            if offset < earliest[tp]:
+            start[tp] = stored.get(tp.partition, 0)
+            if start[tp] < earliest[tp]:
                 log.warning(
                     "%s[%d]: offsets %d..%d were deleted by retention before loading",
-                    topic, tp.partition, offset, earliest[tp] - 1,
+                    topic, tp.partition, start[tp], earliest[tp] - 1,
                 )  # fmt: skip
-                offset = earliest[tp]
-            consumer.seek(tp, offset)
-        # A snapshot of the end, so a flow over a busy topic still finishes.
-        end = consumer.end_offsets(tps)
-        result.next_offsets = {tp.partition: consumer.position(tp) for tp in tps}
-        while any(result.next_offsets[tp.partition] < end[tp] for tp in tps):
-            records = _poll_batch(consumer, tps, end, size, s.kafka_timeout_s)
+                start[tp] = earliest[tp]
+        result.next_offsets = {tp.partition: start[tp] for tp in tps}
+        # Up to a snapshot of the end (read_to_end's), so a flow over a busy topic finishes.
+        for records in read_to_end(consumer, tps, s.kafka_timeout_s, start=start,
+                                   batch_records=size):  # fmt: skip
             positions = {tp.partition: consumer.position(tp) for tp in tps}
-            if not records and positions == result.next_offsets:
-                log.warning("%s: no progress towards end offsets %s; stopping", topic, end)
-                break
             _write_batch(con, sink, topic, records, to_frame, insert_sql, positions, result)
             if after_batch is not None:
                 after_batch(result)
     finally:
         consumer.close()
     return result
-
-
-def _poll_batch(consumer, tps, end, size: int, timeout_s: float) -> list[ConsumerRecord]:
-    records: list[ConsumerRecord] = []
-    deadline = time.monotonic() + timeout_s
-    while len(records) < size and time.monotonic() < deadline:
-        if all(consumer.position(tp) >= end[tp] for tp in tps):
-            break
-        polled = consumer.poll(timeout_ms=200, max_records=size - len(records))
-        for tp, batch in polled.items():
-            # Records past the snapshot belong to the next run (keeps batches bounded).
-            records.extend(r for r in batch if r.offset < end[tp])
-            if batch and batch[-1].offset >= end[tp]:
-                consumer.seek(tp, end[tp])
-    return records
 
 
 def _write_batch(con, sink, topic, records, to_frame, insert_sql, positions, result) -> None:

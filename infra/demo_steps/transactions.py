@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from argparse import Namespace
-
-from kafka import TopicPartition
 
 from infra import services
 from sources import transactions as source
-from tasks.kafka import ensure_topics, make_consumer, make_producer, project_topics
-from tasks.transactions import group_lag
+from tasks.kafka import (
+    ensure_topics,
+    group_lag,
+    make_consumer,
+    make_producer,
+    partitions_of,
+    project_topics,
+    read_to_end,
+)
 from tasks.warehouse import connect, run_sql
 
 ORDER = 20
@@ -33,7 +37,9 @@ def produce(ctx) -> None:
     producer.close()
     ctx.add("transactions", "transactions produced", TRANSACTIONS + 1)
     # The check tolerates lag, but the summary reads better once the workers caught up.
-    services.wait_for(lambda: group_lag(s) == 0, 60, 0.5)
+    services.wait_for(
+        lambda: group_lag(s.transaction_alerts_group, [s.transactions_topic], s) == 0, 60, 0.5
+    )
 
 
 def batch(ctx) -> None:
@@ -59,14 +65,6 @@ def _count(settings, topic: str) -> int:
     """Committed messages on `topic` (aborted transactions and markers are not counted)."""
     consumer = make_consumer(settings=settings, group_id=None)
     try:
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        count, deadline = 0, time.monotonic() + 30
-        while any(consumer.position(tp) < end[tp] for tp in tps) and time.monotonic() < deadline:
-            for tp, records in consumer.poll(timeout_ms=500).items():
-                count += sum(1 for r in records if r.offset < end[tp])
-        return count
+        return sum(map(len, read_to_end(consumer, partitions_of(consumer, topic), 30)))
     finally:
         consumer.close()

@@ -10,10 +10,9 @@ from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
-from kafka import TopicPartition
-
-from tasks.kafka import ensure_topics, make_consumer, make_producer, project_topics
+from tasks.kafka import ensure_topics, make_producer, project_topics
 from tasks.transactions import Transaction
+from tests.helpers import read_topic
 
 # Malformed messages (key, raw value) and the start of the reason each must get.
 MALFORMED = [
@@ -40,25 +39,6 @@ def produce(settings, messages: list[Transaction | tuple[bytes, bytes]]) -> None
         producer.send(settings.transactions_topic, key=key, value=value)
     producer.flush()
     producer.close()
-
-
-def read_topic(settings, topic: str) -> list:
-    """Every record of `topic` (read_committed) up to its end now, in partition order."""
-    consumer = make_consumer(settings=settings, group_id=None)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        records: list = []
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        return [r for r in records if r.offset < end[TopicPartition(r.topic, r.partition)]]
-    finally:
-        consumer.close()
 
 
 def reference(transactions: list[Transaction], deposit=Decimal(2000), withdrawal=Decimal(-2000)):

@@ -20,6 +20,7 @@ from tasks.kafka import (
 )
 from tasks.prices import exact_average, to_us
 from tasks.settings import Settings
+from tests.helpers import read_topic
 
 
 def trade(i: int, product: str, price: str, at: datetime, **extra: Any) -> dict[str, Any]:
@@ -57,23 +58,8 @@ def produce_raw(settings: Settings, topic: str, key: str, raw: bytes) -> None:
 
 def read_all(settings: Settings, topic: str) -> list[tuple[str | None, Any]]:
     """Every committed record of `topic` (read_committed), as (key, decoded value)."""
-    consumer = make_consumer(settings=settings, group_id=None)
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        out = []
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            for records in consumer.poll(timeout_ms=200).values():
-                for r in records:
-                    out.append((r.key.decode() if r.key else None, decode_json(r.value)))
-        return out
-    finally:
-        consumer.close()
+    return [(r.key.decode() if r.key else None, decode_json(r.value))
+            for r in read_topic(settings, topic)]  # fmt: skip
 
 
 def notifications(settings: Settings) -> list[dict[str, Any]]:
@@ -96,9 +82,15 @@ class WorkerThread:
 
     def __init__(self, settings: Settings, group: str, **kwargs: Any) -> None:
         self.stop = StopSignal()
-        self.worker = PriceAlertsWorker(settings, group_id=group, stop=self.stop, **kwargs)
+        self.worker = PriceAlertsWorker(settings, group_id=group, **kwargs)
         self.result: list[int] = []
-        self.thread = threading.Thread(target=lambda: self.result.append(self.worker.run()))
+
+        def run() -> None:
+            with self.worker:
+                self.worker.run(self.stop)
+            self.result.append(0)
+
+        self.thread = threading.Thread(target=run)
 
     def __enter__(self) -> PriceAlertsWorker:
         self.thread.start()

@@ -25,7 +25,7 @@ from tasks.kafka import decode_json, ensure_topics, job_topics, make_consumer, m
 from tasks.payments import open_upstream
 from tasks.warehouse import connect
 from tests.conftest import subprocess_env
-from tests.helpers import artifacts, eventually
+from tests.helpers import artifacts, eventually, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -85,21 +85,8 @@ def payment(amount: str = "10.00", group: str = "payment-submit") -> Job:
 
 def committed_results(settings) -> list[tuple[str, JobResult]]:
     """Every committed (read_committed) record on job-results.payments: (key, result)."""
-    topic = settings.job_results_topic(PROCESSOR)
-    consumer = make_consumer(settings=settings, group_id=None)
-    try:
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(tps)
-        end = consumer.end_offsets(tps)
-        consumer.seek_to_beginning(*tps)
-        found = []
-        deadline = time.monotonic() + 30
-        while any(consumer.position(tp) < end[tp] for tp in tps) and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=200).values():
-                found.extend((r.key.decode(), parse_result(r.value)) for r in records)
-        return found
-    finally:
-        consumer.close()
+    records = read_topic(settings, settings.job_results_topic(PROCESSOR))
+    return [(r.key.decode(), parse_result(r.value)) for r in records]
 
 
 def pending(settings) -> dict[Priority, int]:

@@ -59,7 +59,7 @@ def test_worker_fires_once_tombstones_and_dead_letters(settings, unique):
             ("BTC-USD", trade(9, "BTC-USD", "1000", T0 + timedelta(minutes=10))),
         ])  # fmt: skip
         produce_raw(settings, settings.trades_topic, "BTC-USD", b"\xff not json")
-        eventually(lambda: worker.stats["trades"] >= 10, 30, 0.05)
+        eventually(lambda: worker.stats.records >= 10, 30, 0.05)
         eventually(lambda: committed_total(settings, group) >= 10, 30)
 
     fired = {n["alert_id"]: n for n in notifications(settings)}
@@ -90,9 +90,9 @@ def test_bad_alerts_are_dead_lettered_once_even_across_a_rebuild(settings, uniqu
     create_alert("ann", "BTC-USD", "1", alert_id="good")
     produce_raw(settings, settings.price_alerts_topic, "bad-before", b"\xff not json")
     with WorkerThread(settings, group) as worker:
-        eventually(lambda: worker.stats["bad_alerts"] >= 1 and "good" in worker.state.alerts, 30)
+        eventually(lambda: worker.counts["bad_alerts"] >= 1 and "good" in worker.state.alerts, 30)
         produce_raw(settings, settings.price_alerts_topic, "bad-live", b'{"alert_id": 1}')
-        eventually(lambda: worker.stats["bad_alerts"] >= 2, 30, 0.05)
+        eventually(lambda: worker.counts["bad_alerts"] >= 2, 30, 0.05)
         # Fence the worker's transactional ids (as a batch firing does): it rebuilds, which
         # re-reads the alert topic from the beginning, bad records included.
         consumer = make_consumer(settings=settings, group_id=None)
@@ -104,8 +104,8 @@ def test_bad_alerts_are_dead_lettered_once_even_across_a_rebuild(settings, uniqu
             fencer.init_transactions()
             fencer.close()
         produce(settings, settings.trades_topic, [("BTC-USD", trade(1, "BTC-USD", "2", T0))])
-        eventually(lambda: worker.stats["rebuilds"] >= 2 and worker.stats["fired"] >= 1, 60)
-        assert worker.stats["bad_alerts"] >= 4  # both read again by the rebuild
+        eventually(lambda: worker.counts["rebuilds"] >= 2 and worker.counts["fired"] >= 1, 60)
+        assert worker.counts["bad_alerts"] >= 4  # both read again by the rebuild
     dead = read_all(settings, settings.dlq_topic(settings.price_alerts_topic))
     assert sorted(k for k, _v in dead) == ["bad-before", "bad-live"]
     reasons = {k: v["reason"] for k, v in dead}
@@ -148,7 +148,7 @@ def test_sigkill_and_restart_neither_lose_nor_repeat_notifications(settings, uni
     feeder = threading.Thread(
         target=lambda: [
             (produce(settings, settings.trades_topic,
-                     [(t["product_id"], t) for t in trades[k:k + 100]]), time.sleep(0.15))
+                     [(t["product_id"], t) for t in trades[k:k + 100]]), time.sleep(0.4))
             for k in range(0, len(trades), 100)
         ]
     )  # fmt: skip
@@ -158,11 +158,12 @@ def test_sigkill_and_restart_neither_lose_nor_repeat_notifications(settings, uni
     killed_at = []
     try:
         for n in range(1, 4):
-            # Kill once it has committed something new (or at a random moment of the start).
+            # Kill at a random moment once this worker has committed something new: the
+            # kill lands in the middle of its work, not before it started.
             before = committed_total(settings, group)
-            deadline = time.monotonic() + rng.uniform(0.5, 3)
-            while time.monotonic() < deadline and committed_total(settings, group) <= before:
-                time.sleep(0.05)
+            eventually(lambda before=before: committed_total(settings, group) > before, 60, 0.02,
+                       lambda n=n: logs[n - 1].read_text()[-3000:])  # fmt: skip
+            time.sleep(rng.uniform(0, 0.2))
             worker.send_signal(signal.SIGKILL)
             assert worker.wait(timeout=30) == -signal.SIGKILL
             killed_at.append(committed_total(settings, group))

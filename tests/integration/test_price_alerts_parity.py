@@ -123,14 +123,14 @@ def test_a_batch_firing_fences_an_open_stream_transaction(prefect_api, settings,
     with WorkerThread(settings, f"fence-{unique}") as worker:
 
         def flow_first():
-            if worker.stats["fired"] == 1 and not results:
+            if worker.counts["fired"] == 1 and not results:
                 results.append(ten_minute_average(as_of=at, product_id="BTC-USD"))
 
         worker.before_commit = flow_first
         produce(settings, settings.trades_topic, [("BTC-USD", trade(1, "BTC-USD", "150", at))])
-        eventually(lambda: results and worker.stats["trades"] >= 1, 60)
+        eventually(lambda: results and worker.stats.records >= 1, 60)
         eventually(lambda: committed_total(settings, f"fence-{unique}") >= 1, 60)
-        assert worker.stats["aborted"] >= 1, "the worker's transaction must have been fenced"
+        assert worker.stats.aborts >= 1, "the worker's transaction must have been fenced"
     assert results[0]["fired"] == [alert_id]
     fired = notifications(settings)
     assert [(n["alert_id"], n["source"]) for n in fired] == [(alert_id, "batch")]
@@ -142,7 +142,7 @@ def test_a_flow_after_the_stream_fired_fires_nothing(prefect_api, settings, uniq
     group = f"after-{unique}"
     with WorkerThread(settings, group) as worker:
         produce(settings, settings.trades_topic, [("ETH-USD", trade(1, "ETH-USD", "150", at))])
-        eventually(lambda: worker.stats["fired"] == 1, 60)
+        eventually(lambda: worker.counts["fired"] == 1, 60)
         # At once: the flow may not even see the committed tombstone yet; its re-check does.
         result = ten_minute_average(as_of=at, product_id="ETH-USD")
     assert result["fired"] == [] and result["average_price"] == "150.00000000"

@@ -2,9 +2,9 @@
 
 import pytest
 
+from sources.transactions import generate
 from stream_workers.transaction_alerts import TransactionAlertsWorker
 from tasks.kafka import TopicSpec, ensure_topics
-from tasks.transactions import generate
 from tests.helpers import eventually
 from tests.integration._transactions import (
     MALFORMED,
@@ -25,8 +25,8 @@ def test_alerts_changelog_and_dead_letters_match_a_reference_across_a_restart(se
     # Malformed messages among the good ones; the worker must go on past each.
     produce(settings, first[:300] + [m[:2] for m in MALFORMED] + first[300:])
     with worker_thread(settings, instance="a", batch_size=200) as worker:
-        eventually(lambda: worker.stats.transactions == len(first) + len(MALFORMED), 60)
-        assert worker.stats.aborted == 0
+        eventually(lambda: worker.stats.records == len(first) + len(MALFORMED), 60)
+        assert worker.stats.aborts == 0
 
     want_alerts, want_totals = reference(first)
     assert alerts_by_user(settings) == want_alerts
@@ -41,8 +41,8 @@ def test_alerts_changelog_and_dead_letters_match_a_reference_across_a_restart(se
     # A new process (another instance) restores the totals from the changelog and goes on.
     produce(settings, second)
     with worker_thread(settings, instance="b") as worker:
-        eventually(lambda: worker.stats.transactions == len(second), 60)
-        assert worker.stats.restored_users == len(want_totals)
+        eventually(lambda: worker.stats.records == len(second), 60)
+        assert worker.restored_users == len(want_totals)
 
     want_alerts, want_totals = reference(stream)
     assert sum(map(len, want_alerts.values())) > 100
@@ -55,7 +55,7 @@ def test_at_least_once_mode_gives_the_same_output_when_nothing_fails(settings):
     stream = list(generate(5, 400, seed=4))
     produce(settings, stream)
     with worker_thread(settings, exactly_once=False) as worker:
-        eventually(lambda: worker.stats.transactions == len(stream), 60)
+        eventually(lambda: worker.stats.records == len(stream), 60)
     want_alerts, want_totals = reference(stream)
     assert alerts_by_user(settings) == want_alerts
     assert changelog_totals(settings) == want_totals

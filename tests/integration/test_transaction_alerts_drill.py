@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from tasks.transactions import generate, group_lag
+from sources.transactions import generate
+from tasks.kafka import group_lag
 from tests.conftest import subprocess_env
-from tests.helpers import eventually
+from tests.helpers import eventually, group_report
 from tests.integration._transactions import (
     MALFORMED,
     alerts_by_user,
@@ -45,9 +46,19 @@ def test_sigkilled_workers_neither_drop_nor_duplicate_alerts_or_totals(settings,
             )  # fmt: skip
 
     def worker_logs() -> str:
-        return "\n".join(f"--- {i}\n{p.read_text()[-3000:]}" for i, p in logs.items())
+        return "\n".join(f"--- worker {i}\n{p.read_text()[-4000:]}" for i, p in logs.items())
 
-    stream = list(generate(USERS, CHUNKS * CHUNK, seed=int(unique, 16) % 1000))
+    def diagnose() -> str:
+        group = group_report(settings, settings.transaction_alerts_group,
+                             [settings.transactions_topic])  # fmt: skip
+        return f"seed {seed}, round {round_}\n{group}\n{worker_logs()}"
+
+    def lag() -> int | None:
+        return group_lag(settings.transaction_alerts_group, [settings.transactions_topic], settings)
+
+    seed = int(unique, 16) % 1000
+    round_ = "start"
+    stream = list(generate(USERS, CHUNKS * CHUNK, seed=seed))
     chunks = iter([stream[i * CHUNK : (i + 1) * CHUNK] for i in range(CHUNKS)])
     bad = iter(MALFORMED)
     rng = random.Random(unique)
@@ -63,20 +74,20 @@ def test_sigkilled_workers_neither_drop_nor_duplicate_alerts_or_totals(settings,
 
     def up(instance: str, before: int = 0) -> None:
         # Its partitions assigned and restored: from now on a kill hits a working process.
-        eventually(lambda: restored(instance) > before, 60, 0.1)
+        eventually(lambda: restored(instance) > before, 60, 0.1, diagnose)
 
     workers = {"0": start("0"), "1": start("1")}
     try:
         up("0")
         up("1")
         produce_next()
-        eventually(lambda: group_lag(settings) == 0, 60, 0.1)
+        eventually(lambda: lag() == 0, 60, 0.1, diagnose)
         # kill + restart at once; kill, the survivor takes over, restart; and a pause
         # (SIGSTOP) long enough that the group moves on: the zombie must be fenced.
         for round_ in ("restart", "takeover", "restart", "zombie", "restart"):
             produce_next()
             # A random moment while they work through the chunk.
-            eventually(lambda: (group_lag(settings) or 0) < CHUNK, 30, 0.02)
+            eventually(lambda: (lag() or 0) < CHUNK, 30, 0.02, diagnose)
             time.sleep(rng.uniform(0.0, 0.3))
             victim = rng.choice(sorted(workers))
             before = restored(victim)
@@ -88,7 +99,7 @@ def test_sigkilled_workers_neither_drop_nor_duplicate_alerts_or_totals(settings,
             if round_ != "restart":
                 # The survivor must take the other's partitions over and go on.
                 produce_next()
-                eventually(lambda: group_lag(settings) == 0, 60, 0.2)
+                eventually(lambda: lag() == 0, 60, 0.2, diagnose)
             if round_ == "zombie":
                 workers[victim].send_signal(signal.SIGCONT)
             else:
@@ -96,7 +107,7 @@ def test_sigkilled_workers_neither_drop_nor_duplicate_alerts_or_totals(settings,
             up(victim, before)
         produce_next()
         assert next(chunks, None) is None
-        eventually(lambda: group_lag(settings) == 0, 60, 0.5)
+        eventually(lambda: lag() == 0, 60, 0.5, diagnose)
         for process in workers.values():
             process.send_signal(signal.SIGTERM)
         for process in workers.values():
@@ -115,4 +126,8 @@ def test_sigkilled_workers_neither_drop_nor_duplicate_alerts_or_totals(settings,
         assert got[user] == alerts, f"{user}: {len(got[user])} alerts, want {len(alerts)}"
     assert changelog_totals(settings) == want_totals
     letters = dead_letters(settings)
-    assert sorted(d["value"] for d in letters) == sorted(m[1].decode() for m in MALFORMED)
+    want_letters = sorted((m[1].decode(), m[2]) for m in MALFORMED)
+    got_letters = sorted((d["value"], d["reason"]) for d in letters)
+    assert len(got_letters) == len(want_letters), got_letters
+    for (value, reason), (want_value, want_start) in zip(got_letters, want_letters, strict=True):
+        assert value == want_value and reason.startswith(want_start), (value, reason)

@@ -13,7 +13,6 @@ import pytest
 from flows.slow_jobs import validate_parameters
 from tasks.job_submitter import Submitter, _Batch, _Pending
 from tasks.jobs import (
-    BadJobMessage,
     Job,
     JobResult,
     JobStatus,
@@ -36,6 +35,7 @@ from tasks.payments import (
     payment_submit,
 )
 from tasks.settings import Settings
+from tasks.wire import InvalidRecord
 
 ID = str(uuid4()).encode()
 
@@ -90,7 +90,7 @@ def test_parse_job_takes_processor_and_priority_from_the_topic():
     ],
 )
 def test_malformed_job_messages_are_refused_with_a_reason(raw, reason):
-    with pytest.raises(BadJobMessage, match=reason):
+    with pytest.raises(InvalidRecord, match=reason):
         parse_job(raw, "payments", Priority.REALTIME)
 
 
@@ -101,7 +101,7 @@ def test_a_job_keeps_its_id_on_redelivery_and_its_key_must_be_that_id():
         parse_job(raw, "payments", Priority.REALTIME, ID).id
         == parse_job(raw, "payments", Priority.REALTIME, ID).id
     )
-    with pytest.raises(BadJobMessage, match="not the job id"):
+    with pytest.raises(InvalidRecord, match="not the job id"):
         parse_job(raw, "payments", Priority.REALTIME, str(uuid4()).encode())
 
 

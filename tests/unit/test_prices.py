@@ -15,7 +15,6 @@ from sources.trades import random_walk
 from tasks.prices import (
     AlertBook,
     AlertRow,
-    InvalidRecord,
     PriceState,
     ProductWindow,
     TradeRow,
@@ -30,6 +29,7 @@ from tasks.prices import (
     to_us,
     window_average_units,
 )
+from tasks.wire import InvalidRecord
 
 T = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 MIN = 60_000_000  # microseconds

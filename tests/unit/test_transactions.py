@@ -7,9 +7,9 @@ from decimal import Decimal
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
+from sources.transactions import generate
 from tasks.settings import Settings
 from tasks.transactions import (
-    Invalid,
     Rules,
     Transaction,
     UserTotal,
@@ -20,13 +20,12 @@ from tasks.transactions import (
     encode_changelog,
     format_minor,
     frame_of,
-    generate,
-    key_partition,
     parse_changelog_value,
     parse_records,
     to_minor,
     validate,
 )
+from tasks.wire import InvalidRecord, key_partition
 
 RULES = Rules.of(Decimal("2000"), Decimal("-2000"), Decimal("1000000"), scale=2)
 T0 = "2024-05-01T12:00:00+00:00"
@@ -136,7 +135,7 @@ def test_decimal_strings_to_minor_units_and_back(text, minor):
     ["", "abc", "1e3", "6.5E+3", "NaN", "1,5", " 1", "--1", "1.", ".5", "0.001", "\uff11\uff12"],
 )
 def test_amounts_that_are_not_plain_decimals_at_the_scale_are_invalid(text):
-    with pytest.raises(Invalid):
+    with pytest.raises(InvalidRecord):
         to_minor(text, 2)
 
 
@@ -172,7 +171,7 @@ def _value(**fields) -> bytes:
     ],
 )
 def test_bad_transactions_are_rejected_with_a_reason(key, value, reason):
-    with pytest.raises(Invalid, match=reason):
+    with pytest.raises(InvalidRecord, match=reason):
         validate(key, value, RULES)
 
 
