@@ -417,8 +417,8 @@ class Runtime:
     def _process_scope(self, transactor: Transactor, records: Records) -> bool:
         key = frozenset((tp, rs[0].offset) for tp, rs in records.items() if rs)
         try:
-            batch = self.processor.process(records)
-        except Exception as error:
+            committed = self._commit(transactor, self.processor.process(records))
+        except Exception as error:  # the worker's own code failed: a bug, not bad input
             attempts = self._failures.get(key, 0) + 1
             self._failures[key] = attempts
             log.exception("%s: processing a batch of %d records failed (attempt %d of %d)",
@@ -432,10 +432,9 @@ class Runtime:
                 return False
             self._failures.pop(key, None)
             return self._one_by_one(transactor, records, error)
-        if not self._commit(transactor, batch):
-            return False
-        self._failures.pop(key, None)
-        return True
+        if committed:
+            self._failures.pop(key, None)
+        return committed
 
     def _one_by_one(self, transactor: Transactor, records: Records, error: Exception) -> bool:
         """A batch that kept failing: each record alone; the one that raises is dead-lettered
@@ -446,14 +445,14 @@ class Runtime:
         for n, (tp, record) in enumerate(ordered):
             single = {tp: [record]}
             try:
-                batch = self.processor.process(single)
+                committed = self._commit(transactor, self.processor.process(single))
             except Exception as failure:
                 self.processor.on_aborted(single)
                 reason = f"processing failed: {type(failure).__name__}: {failure}"
                 log.error("%s: %s[%d]@%d to the DLQ: %s", self.processor.name, record.topic,
                           record.partition, record.offset, reason)  # fmt: skip
-                batch = Batch(single, dead_letters=[(record, reason)])
-            if not self._commit(transactor, batch):
+                committed = self._commit(transactor, Batch(single, dead_letters=[(record, reason)]))
+            if not committed:
                 rest: Records = {}
                 for rest_tp, rest_record in ordered[n:]:  # this record on: read again
                     rest.setdefault(rest_tp, []).append(rest_record)
@@ -462,6 +461,8 @@ class Runtime:
         return True
 
     def _commit(self, transactor: Transactor, batch: Batch) -> bool:
+        """Commit `batch`; False if Kafka aborted it (handled here). Any other exception (an
+        output the worker cannot encode) aborts the transaction and propagates."""
         started = time.monotonic()
         try:
             transactor.commit(self.consumer, batch)
@@ -478,6 +479,9 @@ class Runtime:
                                            time.monotonic() - started))  # fmt: skip
             self._backoff()
             return False
+        except Exception as error:
+            transactor.abort(error)
+            raise
         self.processor.on_committed(batch)
         self.stats.observe(BatchReport(self.processor.name, "committed", batch.size,
                                        len(batch.outputs), len(batch.dead_letters),

@@ -31,7 +31,6 @@ from tasks.kafka import decode_json
 from tasks.wire import InvalidRecord, TimeReasons, aware_time, key_partition, try_minor_units
 
 PRICE_SCALE = 8  # decimal places kept for prices, thresholds, sizes and averages
-UNITS = 10**PRICE_SCALE
 MAX_UNITS = 10**18 - 1  # DECIMAL(18,8)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)

@@ -65,7 +65,7 @@ def aware_time(text: str, name: str, reasons: TimeReasons) -> datetime:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise _refusal(reasons.not_iso, name, text) from None
-    # A naive time would be read as local time somewhere: the contract is UTC, said so.
+    # A naive time means some local time: the contract wants the zone said.
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise _refusal(reasons.naive, name, text)
     return moment
@@ -88,7 +88,7 @@ class DecimalReasons(NamedTuple):
 
 
 def try_minor_units(text: str, scale: int) -> int | None:
-    """`text` ("-12.50") as exact integer units of 10**-scale; None unless a plain decimal."""
+    """`text` ("-12.50") as exact integer units of 10**-scale; None if not plain or too precise."""
     match = _DECIMAL.fullmatch(text)
     if match is None:
         return None

@@ -182,9 +182,8 @@ def test_a_stale_generation_aborts_the_batch_and_rewinds_only_partitions_still_a
     assert producer.count("abort_transaction") == 1
     assert producer.count("commit_transaction") == 0
     assert transactor.producer is producer and not producer.closed  # kept: not fenced
-    assert producer.visible == [] and outputs(SimpleNamespace(visible=producer.aborted)) == [
-        b"A", b"B", b"C",
-    ]  # fmt: skip
+    assert producer.visible == []
+    assert [s.value for s in producer.aborted] == [b"A", b"B", b"C"]
     assert consumer.seeks == [(tp(0), 3)]  # not partition 1: no longer ours
     assert processor.aborted == [{tp(0): [3, 4], tp(1): [8]}]
     assert processor.committed == []
@@ -312,6 +311,8 @@ def test_a_rebalance_during_poll_runs_the_hooks_and_the_poll_is_read_again():
         revoke_while_polling,
         # Lost after partition 0 was already revoked: the hook hears only of partition 2.
         lambda c: c.rebalance(lost={tp(0), tp(2)}) or {},
+        # Incremental (cooperative) assignment: only partition 3 is new to the processor.
+        lambda c: c.rebalance(assigned={tp(1), tp(3)}) or {},
     )
 
     assert runtime.step() == 0
@@ -327,6 +328,9 @@ def test_a_rebalance_during_poll_runs_the_hooks_and_the_poll_is_read_again():
     assert runtime.step() == 0  # a lost partition is revoked for the processor
     assert processor.revoked[-1] == {tp(2)} and runtime.assigned == {tp(1)}
     assert runtime.stats.rebalances == 4
+
+    assert runtime.step() == 0
+    assert processor.assigned[-1] == {tp(3)} and runtime.assigned == {tp(1), tp(3)}
 
     assert runtime.step() == 2  # the records of that poll, read again
     assert outputs(factory.made[0]) == [b"C", b"D"]
