@@ -323,11 +323,11 @@ class Runtime:
 
     def subscribe(self) -> None:
         if not self._subscribed:
-            # Metadata first: a member that joins before it knows a fresh topic's partitions
-            # can be handed partitions it then never fetches.
-            for topic in self.topics:
-                self.consumer.partitions_for_topic(topic)
             self.consumer.subscribe(self.topics, listener=self._rebalances)
+            # Metadata before the first join: a leader that assigns before it has the topics'
+            # metadata rejoins right after (a second rebalance, and a second state rebuild,
+            # on every start).
+            self.consumer.topics()
             self._subscribed = True
 
     def close(self) -> None:
@@ -385,14 +385,15 @@ class Runtime:
             return polled
         self._rewind([polled])
         for kind, tps in events:
-            self.stats.rebalances += 1
             if kind == "revoked":
                 gone = tps & self.assigned
                 self.assigned -= gone
                 self.held -= gone
-                log.info("%s: revoked %s", self.processor.name, _names(tps))
-                self.processor.on_revoked(gone)
+                if gone:
+                    log.info("%s: revoked %s", self.processor.name, _names(gone))
+                    self.processor.on_revoked(gone)
             else:
+                self.stats.rebalances += 1
                 fresh = tps - self.assigned
                 self.assigned |= tps
                 log.info("%s: assigned %s", self.processor.name, _names(tps))

@@ -266,7 +266,7 @@ class FakeConsumer(_Recorder):
         super().__init__()
         self.log: dict[TopicPartition, list[ConsumerRecord]] = defaultdict(list)
         self.append(*records)
-        self.topics = dict(topics or {})
+        self.partition_counts = dict(topics or {})
         self.end_override = dict(end_offsets or {})
         self._assigned: set[TopicPartition] = set()
         self.positions: dict[TopicPartition, int] = {}
@@ -335,6 +335,10 @@ class FakeConsumer(_Recorder):
 
     # --- the group ----------------------------------------------------------------------
 
+    def topics(self) -> set[str]:
+        self._call("topics")
+        return set(self.partition_counts)
+
     def subscribe(self, topics=(), pattern=None, listener=None) -> None:
         self._call("subscribe", topics, listener=listener)
         self.subscribed = list(topics)
@@ -393,7 +397,7 @@ class FakeConsumer(_Recorder):
 
     def partitions_for_topic(self, topic: str) -> set[int] | None:
         self._call("partitions_for_topic", topic)
-        n = self.topics.get(topic)
+        n = self.partition_counts.get(topic)
         return set(range(n)) if n else None
 
     # --- positions ----------------------------------------------------------------------

@@ -327,7 +327,7 @@ def test_a_rebalance_during_poll_runs_the_hooks_and_the_poll_is_read_again():
 
     assert runtime.step() == 0  # a lost partition is revoked for the processor
     assert processor.revoked[-1] == {tp(2)} and runtime.assigned == {tp(1)}
-    assert runtime.stats.rebalances == 4
+    assert runtime.stats.rebalances == 2  # the assignments; revocations are their other half
 
     assert runtime.step() == 0
     assert processor.assigned[-1] == {tp(3)} and runtime.assigned == {tp(1), tp(3)}
