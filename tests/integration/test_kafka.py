@@ -1,5 +1,6 @@
 """The Kafka plumbing against the real broker."""
 
+import threading
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from tasks.kafka import (
     wait_for_broker,
 )
 from tasks.settings import Settings
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -38,42 +40,55 @@ def test_topic_creation_is_idempotent_and_applies_compaction(settings, unique):
         admin.close()
 
 
-def _poll_until(consumers, seen, done, deadline_s: float) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline and not done():
-        for consumer, got in zip(consumers, seen, strict=True):
-            for records in consumer.poll(timeout_ms=100).values():
-                for r in records:
-                    got[r.key.decode()] = decode_json(r.value)["n"]
-            try:
-                consumer.commit()
-            except (RebalanceInProgressError, CommitFailedError):
-                pass  # the group is rebalancing; the next poll rejoins
-
-
 def test_two_consumers_in_a_group_split_the_partitions(settings, unique):
     topic = f"split-{unique}"
     ensure_topics([TopicSpec(topic, 4)], settings)
     group = f"group-{unique}"
-    consumers = [make_consumer(topic, settings=settings, group_id=group) for _ in range(2)]
-    for consumer in consumers:
-        # Metadata before the first join (as the stream runtime does): a member assigned a
-        # topic it has no metadata for yet may never fetch it.
-        consumer.topics()
-    seen: list[dict[str, int]] = [{}, {}]
     sent = {f"k{i}": i for i in range(200)}
+    seen: list[dict[str, int]] = [{}, {}]
+    assignments: list[set[int]] = [set(), set()]
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def member(i: int) -> None:
+        # Each member polls on its own thread, as separate processes would.
+        consumer = make_consumer(topic, settings=settings, group_id=group)
+        consumer.topics()  # metadata before the first join, as the stream runtime does
+        try:
+            while not done.is_set():
+                for records in consumer.poll(timeout_ms=100).values():
+                    for r in records:
+                        seen[i][r.key.decode()] = decode_json(r.value)["n"]
+                assignments[i] = {tp.partition for tp in consumer.assignment()}
+                try:
+                    consumer.commit()
+                except (RebalanceInProgressError, CommitFailedError):
+                    pass  # the group is rebalancing; the next poll rejoins
+        except BaseException as error:  # surfaced below
+            errors.append(error)
+        finally:
+            consumer.close()
+
+    def state() -> str:
+        return f"assignments {assignments}, seen {len(seen[0])} + {len(seen[1])}, errors {errors}"
+
+    threads = [threading.Thread(target=member, args=(i,), daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
     try:
-        # Join both members first, so no record is handed over in a rebalance.
-        _poll_until(consumers, seen, lambda: all(len(c.assignment()) == 2 for c in consumers), 60)
+        # Both members joined first, so no record is handed over in a rebalance.
+        eventually(lambda: all(len(a) == 2 for a in assignments), 60, 0.1, state)
         producer = make_producer(settings)
         for key, value in sent.items():
             producer.send(topic, key=key, value={"n": value})
         producer.flush()
-        _poll_until(consumers, seen, lambda: len(seen[0]) + len(seen[1]) >= len(sent), 60)
-        assignments = [{tp.partition for tp in c.assignment()} for c in consumers]
+        producer.close()
+        eventually(lambda: len(seen[0]) + len(seen[1]) >= len(sent), 60, 0.1, state)
     finally:
-        for consumer in consumers:
-            consumer.close()
+        done.set()
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors
     assert assignments[0].isdisjoint(assignments[1])
     assert assignments[0] | assignments[1] == {0, 1, 2, 3}
     assert seen[0] and seen[1], "each consumer got a share"
