@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['peak_mb']:>8.0f}  {row['result'][SEED_WORD]}")  # fmt: skip
 
     # The baseline and Counter(split()) count raw tokens ("More," is not "more"); the
-    # reference, ours and the flow apply the DESIGN.md tokenizer and must agree exactly.
+    # reference, ours and the flow apply the documented tokenizer and must agree exactly.
     exact = {(row["result"][SEED_WORD], row["result"]["distinct"]) for _, row in rows[2:]}
     print(f"\nthe tokenizer's cases agree on {SEED_WORD!r} and the distinct words: "
           f"{'yes' if len(exact) == 1 else f'NO {sorted(exact)}'}")  # fmt: skip

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     kafka_replication_factor: int = Field(default=1, ge=1)
     dlq_suffix: str = ".dlq"
 
-    # --- Topics (DESIGN.md defaults) ------------------------------------------------------
+    # --- Topics (the documented defaults) ------------------------------------------------------
     trades_topic: str = "trades"
     price_alerts_topic: str = "price-alerts"
     notifications_topic: str = "notifications"
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     deposit_alert_threshold: Decimal = Decimal("2000")
     withdrawal_alert_threshold: Decimal = Decimal("-2000")
 
-    # --- prices (issue #3) ----------------------------------------------------------------
+    # --- prices ----------------------------------------------------------------
     price_alerts_group: str = "price-alerts"  # worker consumer group
     # Firing transactions use `<prefix>-<trades topic>-<partition>`: the worker and the batch
     # flow share these ids, so Kafka's fencing serialises who may fire a product's alerts.
@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     )
     price_fire_attempts: int = Field(default=5, ge=1, description="flow: tries when fenced")
 
-    # --- transactions (issue #4) ----------------------------------------------------------
+    # --- transactions ----------------------------------------------------------
     transaction_alerts_group: str = "transaction-alerts"  # consumer group + transactional id prefix
     transaction_amount_scale: int = Field(default=2, ge=0, le=6, description="decimal places")
     transaction_max_abs_amount: Decimal = Field(
@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     # Streams uses 10 s for the same reason); a restart with the same --instance aborts it.
     transaction_alerts_txn_timeout_ms: int = Field(default=10_000, ge=1_000)
 
-    # --- words (issue #5) -----------------------------------------------------------------
+    # --- words -----------------------------------------------------------------
     # Where the shard tasks of `word_count` run: a thread pool in the flow's process, or Dask.
     word_count_task_runner: Literal["threads", "dask"] = "threads"
     # An existing Dask scheduler (e.g. tcp://10.0.0.5:8786; its workers must see the corpus
@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     word_count_dask_processes: bool = True  # local cluster: worker processes (else threads)
     word_count_max_shards: int = Field(default=256, ge=1, description="flow: refuse more shards")
 
-    # --- jobs (issue #6) ------------------------------------------------------------------
+    # --- jobs ------------------------------------------------------------------
     jobs_batch_size: int = Field(default=500, ge=1, description="submitter: jobs per batch")
     jobs_batch_latency_ms: float = Field(
         default=20, ge=0, description="submitter: longest a batch's first job waits for more"

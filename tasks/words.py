@@ -1,6 +1,6 @@
 """Word counting: the tokenizer, corpus resolution, byte-range sharding and the fast counter.
 
-The tokenizer (DESIGN.md): lowercase; split on whitespace; strip ASCII punctuation from both
+The tokenizer: lowercase; split on whitespace; strip ASCII punctuation from both
 ends of each token; drop empty tokens. Here "whitespace" is exactly what Python's `str.split()`
 splits on (the characters for which `str.isspace()` is true, `WHITESPACE`), and "lowercase" is
 exactly Python's `str.lower()`. `tokenize` is the pure-Python reference; `count_bytes` is the
