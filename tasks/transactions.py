@@ -18,13 +18,13 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 import polars as pl
-from kafka.consumer.fetcher import ConsumerRecord
 
 from tasks.kafka import decode_json
 from tasks.settings import Settings, get_settings
 from tasks.wire import (
     DecimalReasons,
     InvalidRecord,
+    Record,
     TimeReasons,
     aware_time,
     key_partition,
@@ -41,7 +41,7 @@ TIME_REASONS = TimeReasons(
     naive="{name} {value!r} has no time zone (times are UTC)",
 )
 
-Rejects = list[tuple[ConsumerRecord, str]]
+Rejects = list[tuple[Record, str]]
 
 BATCH_SCHEMA = {
     "partition": pl.Int32,
@@ -188,7 +188,7 @@ def _validate(key: bytes | None, value: bytes | None, rules: Rules) -> tuple[str
 
 
 def parse_records(
-    records: Sequence[ConsumerRecord], rules: Rules, partitions: int | None = None
+    records: Sequence[Record], rules: Rules, partitions: int | None = None
 ) -> tuple[pl.DataFrame, Rejects]:
     """Valid records as a batch frame (BATCH_SCHEMA) in record order, and the rejects.
 
