@@ -17,7 +17,7 @@ from sources.price_alerts import create_alert, delete_alert
 from tasks.kafka import make_consumer, make_producer
 from tasks.prices import fire_transactional_id
 from tests.conftest import subprocess_env
-from tests.helpers import eventually
+from tests.helpers import eventually, group_report
 from tests.integration.prices_support import (
     WorkerThread,
     committed_total,
@@ -169,7 +169,12 @@ def test_sigkill_and_restart_neither_lose_nor_repeat_notifications(settings, uni
             killed_at.append(committed_total(settings, group))
             worker = _start_worker(group, logs[n])
         feeder.join(timeout=120)
-        eventually(lambda: committed_total(settings, group) >= len(trades), 90, 0.25)
+        eventually(
+            lambda: committed_total(settings, group) >= len(trades), 90, 0.25,
+            lambda: group_report(settings, group, [settings.trades_topic])
+            + "\n" + "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}"
+                                for log in logs if log.exists()),
+        )  # fmt: skip
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0, logs[-1].read_text()[-3000:]
     finally:
