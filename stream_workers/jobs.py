@@ -81,7 +81,7 @@ class Lane:
         fault: str | None = None,
     ) -> None:
         s = self.settings = settings or get_settings()
-        self.processor, self.priority, self.fault = processor, priority, fault
+        self.processor, self.priority = processor, priority
         self.name = f"jobs-{processor}-{priority.value.lower()}"
         self.realtime_idle = realtime_idle
         self.registry = processor_registry(processor, s)
@@ -131,7 +131,6 @@ class Lane:
         self.stats = self.runtime.stats
         self.slice_s = s.jobs_normal_slice_ms / 1000
         self._per_job_s = 0.0005  # running estimate, sizes NORMAL polls to fit a slice
-        self._batch_started = 0.0
 
     def run(self, stop) -> None:
         """Polls and commits slices until `stop`; each finishes and commits its slice."""
@@ -203,7 +202,7 @@ class Lane:
         """The slice's jobs through the handlers; results, dead letters, duplicates skipped."""
         if self.priority is Priority.REALTIME:
             self.realtime_idle.clear()  # REALTIME jobs in hand: NORMAL steps aside
-        self._batch_started = time.monotonic()
+        started = time.monotonic()
         batch = Batch(records)
         jobs: list[Job] = []
         self.in_flight = []
@@ -229,7 +228,7 @@ class Lane:
             batch.emit(self.results_topic, key, value, self._partition(key))
             self.stats.counts["ok" if result.status is JobStatus.PROCESSED_OK else "error"] += 1
         if batch.size:  # commit time left out: it does not grow with jobs
-            per_job = max((time.monotonic() - self._batch_started) / batch.size, 1e-6)
+            per_job = max((time.monotonic() - started) / batch.size, 1e-6)
             self._per_job_s = 0.5 * self._per_job_s + 0.5 * per_job
         return batch
 
