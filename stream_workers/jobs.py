@@ -161,18 +161,21 @@ class Lane:
         except KafkaError as error:  # e.g. a slow broker: err on the side of REALTIME
             log.warning("REALTIME lag check failed (%s); NORMAL waits", error)
             return True
-        return any(ends[tp] > consumer.position(tp) for tp in partitions)
+        positions = [consumer.position(tp) for tp in partitions]
+        # An unknown position (None: still being reset) counts as pending.
+        return any(
+            at is None or ends[tp] > at for tp, at in zip(partitions, positions, strict=True)
+        )
 
     def _hold_while_realtime(self) -> None:
         """NORMAL: fetch nothing while a REALTIME job is pending; else a poll that fits a
         slice of about `jobs_normal_slice_ms`."""
+        # Held or not, the poll waits up to 50 ms: a rebalance completes only in a poll that
+        # waits for it (a zero timeout would drop each finished join and start another).
         if not self.realtime_idle.is_set():
             self.runtime.hold()
-            self.runtime.poll_timeout_ms = 0  # keeps the membership alive while held
-            self.realtime_idle.wait(0.05)
             return
         self.runtime.release()
-        self.runtime.poll_timeout_ms = 50
         self.runtime.max_records = max(1, min(self.settings.jobs_processor_max_batch,
                                               int(self.slice_s / self._per_job_s)))  # fmt: skip
 
@@ -321,6 +324,9 @@ def main(argv: list[str]) -> int:
         stop_all.set()
         normal.close()
         child.join(60)
+        if child.is_alive():  # it did not stop in time: it must not outlive the daemon
+            child.kill()
+            child.join(10)
     if child.exitcode != 0:
         log.error("the REALTIME lane exited with %s", child.exitcode)
         return 1

@@ -26,7 +26,6 @@ from collections.abc import Callable
 
 from kafka import KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
 
 from stream_workers.runtime import Batch, Records, Runtime, Transactor, static_member_id
 from tasks.kafka import (
@@ -225,32 +224,26 @@ class PriceAlertsWorker:
     # --- rebuild ------------------------------------------------------------------------
 
     def rebuild_until_done(self, assignment: set[TopicPartition]) -> None:
-        stop = self.runtime.stop
-        while True:
-            try:
-                self.rebuild(assignment)
-                return
-            except KafkaError as error:
-                log.warning("rebuild failed (%r); retrying", error)
-                if stop.wait(max(self.s.price_fence_backoff_s, 1.0)):
-                    return
+        self.runtime.retry(lambda: self.rebuild(assignment), "rebuilding the state")
 
     def rebuild(self, assignment: set[TopicPartition]) -> None:
         """Producers for the assigned partitions (fencing zombies), alerts, windows, positions."""
         started = time.monotonic()
         consumer = self.runtime.consumer
-        for partition in list(self.transactors):
-            if TopicPartition(self.s.trades_topic, partition) not in assignment:
-                self.transactors.pop(partition).close(timeout_s=1)
         self.state = PriceState(self.s.price_window_minutes)
+        # New producers, each with init_transactions: it waits for (or aborts) every earlier
+        # transaction under its id, ours included, until its markers are written; so the
+        # alerts read next show every tombstone committed so far. From here on no other
+        # writer fires these products' alerts without fencing us first.
+        mine = {tp.partition for tp in assignment}
+        for partition in set(self.transactors) - mine:
+            self.transactors.pop(partition).close(timeout_s=1)
         for tp in sorted(assignment):
             transactor = self.transactors.get(tp.partition)
             if transactor is None:
                 self.transactors[tp.partition] = self._transactor(tp)
-            else:
-                # Waits for (or aborts) any earlier transaction under this id: a killed
-                # worker's or a batch firing's. From here on, no other writer fires these
-                # products' alerts without fencing us first.
+            else:  # the same object: the runtime may hold it for a batch in hand
+                transactor.close(timeout_s=1)
                 transactor.ensure_producer()
         self.catch_up_alerts()
         replayed = 0

@@ -65,6 +65,7 @@ class Batch:
     outputs: list[tuple[str, Any, Any, int | None]] = field(default_factory=list)
     dead_letters: list[tuple[ConsumerRecord, str]] = field(default_factory=list)
     state: Any = None
+    seconds: float = 0.0  # how long its commit took
 
     def emit(self, topic: str, key: Any, value: Any, partition: int | None = None) -> None:
         self.outputs.append((topic, key, value, partition))
@@ -177,10 +178,10 @@ class Transactor:
         if self.exactly_once:
             producer.begin_transaction()
         send = producer.send
-        for topic, key, value, partition in batch.outputs:
-            send(topic, key=key, value=value, partition=partition)
-        for record, reason in batch.dead_letters:
-            send_to_dlq(producer, record, reason, self.settings)
+        sent = [send(topic, key=key, value=value, partition=partition)
+                for topic, key, value, partition in batch.outputs]  # fmt: skip
+        sent += [send_to_dlq(producer, record, reason, self.settings)
+                 for record, reason in batch.dead_letters]  # fmt: skip
         if self.before_commit is not None:
             self.before_commit(batch)
         offsets = batch.next_offsets()
@@ -188,11 +189,13 @@ class Transactor:
             producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
             producer.commit_transaction()
             return
+        # At least once: offsets only after every output is acknowledged (flush does not
+        # raise for failed sends); a failure reads the batch again (outputs twice).
         producer.flush()
-        try:
-            consumer.commit(offsets)
-        except KafkaError as error:  # at least once: the batch comes again, outputs twice
-            log.warning("offset commit failed (%s); the batch will be redelivered", error)
+        for future in sent:
+            if future.failed():
+                raise future.exception
+        consumer.commit(offsets)
 
     def abort(self, error: BaseException) -> None:
         """Abort the open transaction; replace the producer when it is fenced or unusable."""
@@ -224,7 +227,7 @@ def _close_quietly(producer: KafkaProducer) -> None:
     sender thread has not yet failed the batches of a fenced transaction: unguarded, that
     killed a worker on its way to replacing the producer.
     """
-    for timeout_s in (0, 1):  # the second try lets the sender fail those batches first
+    for timeout_s in (0, 5):  # the second try lets the sender fail those batches first
         try:
             producer.close(timeout=timeout_s)
             return
@@ -264,17 +267,20 @@ class _QueuedRebalances(ConsumerRebalanceListener):
     """Queues rebalance events: listeners run on kafka-python's network thread, which must
     not block (heartbeats); the runtime applies them on the worker's thread after poll()."""
 
-    def __init__(self) -> None:
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self.consumer = consumer
         self.events: queue.SimpleQueue[tuple[str, set[TopicPartition]]] = queue.SimpleQueue()
 
     def on_partitions_revoked(self, revoked) -> None:
         self.events.put(("revoked", set(revoked)))
 
     def on_partitions_assigned(self, assigned) -> None:
-        self.events.put(("assigned", set(assigned)))
+        # The whole assignment at this moment (an incremental rebalance passes only the
+        # added partitions), so the runtime can tell the partitions kept throughout.
+        self.events.put(("assigned", set(self.consumer.assignment()) | set(assigned)))
 
     def on_partitions_lost(self, lost) -> None:
-        self.events.put(("revoked", set(lost)))
+        self.events.put(("lost", set(lost)))
 
 
 # --- the runtime --------------------------------------------------------------------------
@@ -306,10 +312,10 @@ class Runtime:
         self.progress_interval_s = progress_interval_s
         self.stats = Stats(processor.name)
         self.assigned: set[TopicPartition] = set()  # as applied to the processor
-        self.held: set[TopicPartition] = set()
         self._closers = list(closers)
-        self._rebalances = _QueuedRebalances()
-        self._failures: dict[frozenset, int] = {}
+        self._rebalances = _QueuedRebalances(consumer)
+        # Per partition: (first offset of a batch whose processing raised, attempts so far).
+        self._failures: dict[TopicPartition, tuple[int, int]] = {}
         self.stop: StopSignal = StopSignal()
         self._subscribed = False
 
@@ -373,8 +379,10 @@ class Runtime:
     # --- rebalances ---------------------------------------------------------------------
 
     def apply_rebalances(self, polled: Records) -> Records:
-        """Apply queued rebalance events. The records of a poll that brought events are not
-        processed now (the processor's hooks may move any partition): they are read again."""
+        """Apply queued rebalance events as one net change against the consumer's assignment
+        now: partitions kept across a rebalance keep their state; lost ones (this member was
+        removed from the group, others may have processed them) are revoked and, if given
+        back, assigned afresh. The records of a poll that brought events are read again."""
         events = []
         while True:
             try:
@@ -384,19 +392,26 @@ class Runtime:
         if not events:
             return polled
         self._rewind([polled])
+        now = set(self.consumer.assignment())
+        before = self.assigned
+        # Kept: ours before, now and in every assignment in between (one poll can see two
+        # rebalances: a partition handed to another member and back was processed there).
+        kept = before & now
         for kind, tps in events:
-            if kind == "revoked":
-                gone = tps & self.assigned
-                self.assigned -= gone
-                self.held -= gone
-                if gone:
-                    log.info("%s: revoked %s", self.processor.name, _names(gone))
-                    self.processor.on_revoked(gone)
-            else:
-                self.stats.rebalances += 1
-                fresh = tps - self.assigned
-                self.assigned |= tps
-                log.info("%s: assigned %s", self.processor.name, _names(tps))
+            kept = kept & tps if kind == "assigned" else kept - tps if kind == "lost" else kept
+        gone = before - kept
+        fresh = now - kept
+        self.assigned = now
+        for tp in gone:
+            self._failures.pop(tp, None)
+        if gone:
+            log.info("%s: revoked %s", self.processor.name, _names(gone))
+            self.processor.on_revoked(gone)
+        if any(kind == "assigned" for kind, _ in events):
+            self.stats.rebalances += 1
+            log.info("%s: assigned %s (new: %s)", self.processor.name, _names(now),
+                     _names(fresh))  # fmt: skip
+            if fresh:
                 self.processor.on_assigned(fresh)
         return {}
 
@@ -407,35 +422,41 @@ class Runtime:
         scopes not committed are read again."""
         scopes = self.processor.scopes(polled)
         for i, (transactor, records) in enumerate(scopes):
-            if self.stop and i:
-                # Stopping: what is not committed yet is read again by the next owner.
-                self._rewind([r for _, r in scopes[i:]])
-                return
             if not self._process_scope(transactor, records):
                 self._rewind([r for _, r in scopes[i + 1 :]])
                 return
 
     def _process_scope(self, transactor: Transactor, records: Records) -> bool:
-        key = frozenset((tp, rs[0].offset) for tp, rs in records.items() if rs)
         try:
-            committed = self._commit(transactor, self.processor.process(records))
+            batch = self.processor.process(records)
+            committed = self._commit(transactor, batch)
         except Exception as error:  # the worker's own code failed: a bug, not bad input
-            attempts = self._failures.get(key, 0) + 1
-            self._failures[key] = attempts
-            log.exception("%s: processing a batch of %d records failed (attempt %d of %d)",
-                          self.processor.name, sum(map(len, records.values())), attempts,
-                          self.max_attempts)  # fmt: skip
-            self.processor.on_aborted(records)
-            self.stats.observe(BatchReport(self.processor.name, "aborted", 0, 0, 0, 0.0))
-            if attempts < self.max_attempts:
-                self._rewind([records])
-                self._backoff()
-                return False
-            self._failures.pop(key, None)
-            return self._one_by_one(transactor, records, error)
+            return self._failed(transactor, records, error)
         if committed:
-            self._failures.pop(key, None)
+            # Outside the handler above: a batch that committed is never read again.
+            self._committed(batch)
         return committed
+
+    def _failed(self, transactor: Transactor, records: Records, error: Exception) -> bool:
+        """A batch whose processing raised: read again up to `max_attempts` times (counted
+        per partition and first offset), then re-run one record at a time."""
+        firsts = [(tp, rs[0].offset) for tp, rs in records.items() if rs]
+        attempts = 0
+        for tp, offset in firsts:
+            seen = self._failures.get(tp)
+            count = seen[1] + 1 if seen is not None and seen[0] == offset else 1
+            self._failures[tp] = (offset, count)
+            attempts = max(attempts, count)
+        log.error("%s: processing a batch of %d records failed (attempt %d of %d)",
+                  self.processor.name, sum(map(len, records.values())), attempts,
+                  self.max_attempts, exc_info=error)  # fmt: skip
+        self.processor.on_aborted(records)
+        self.stats.observe(BatchReport(self.processor.name, "aborted", 0, 0, 0, 0.0))
+        if attempts < self.max_attempts:
+            self._rewind([records])
+            self._backoff()
+            return False
+        return self._one_by_one(transactor, records, error)
 
     def _one_by_one(self, transactor: Transactor, records: Records, error: Exception) -> bool:
         """A batch that kept failing: each record alone; the one that raises is dead-lettered
@@ -446,24 +467,34 @@ class Runtime:
         for n, (tp, record) in enumerate(ordered):
             single = {tp: [record]}
             try:
-                committed = self._commit(transactor, self.processor.process(single))
+                batch = self.processor.process(single)
+                committed = self._commit(transactor, batch)
             except Exception as failure:
                 self.processor.on_aborted(single)
                 reason = f"processing failed: {type(failure).__name__}: {failure}"
                 log.error("%s: %s[%d]@%d to the DLQ: %s", self.processor.name, record.topic,
                           record.partition, record.offset, reason)  # fmt: skip
-                committed = self._commit(transactor, Batch(single, dead_letters=[(record, reason)]))
-            if not committed:
+                batch = Batch(single, dead_letters=[(record, reason)])
+                committed = self._commit(transactor, batch)
+            if committed:
+                self._committed(batch)
+            if not committed or self.stop:
                 rest: Records = {}
-                for rest_tp, rest_record in ordered[n:]:  # this record on: read again
+                for rest_tp, rest_record in ordered[n + (1 if committed else 0) :]:
                     rest.setdefault(rest_tp, []).append(rest_record)
                 self._rewind([rest])
                 return False
+        # The worker's abort hook may have moved the positions back: on past what committed.
+        assigned = self.consumer.assignment()
+        for tp, rs in records.items():
+            if tp in assigned:
+                self.consumer.seek(tp, rs[-1].offset + 1)
         return True
 
     def _commit(self, transactor: Transactor, batch: Batch) -> bool:
-        """Commit `batch`; False if Kafka aborted it (handled here). Any other exception (an
-        output the worker cannot encode) aborts the transaction and propagates."""
+        """Commit `batch`; False if Kafka aborted it (handled here: the batch is read
+        again). Any other exception (an output the worker cannot encode) aborts the
+        transaction and propagates."""
         started = time.monotonic()
         try:
             transactor.commit(self.consumer, batch)
@@ -474,7 +505,8 @@ class Runtime:
             log.warning("%s: batch of %d records aborted (%s: %s); reading it again",
                         self.processor.name, batch.size, type(error).__name__, error)  # fmt: skip
             transactor.abort(error)
-            self._abandon(batch.records)
+            self._rewind([batch.records])
+            self.processor.on_aborted(batch.records)
             self.stats.observe(BatchReport(self.processor.name, "aborted", batch.size,
                                            len(batch.outputs), len(batch.dead_letters),
                                            time.monotonic() - started))  # fmt: skip
@@ -483,15 +515,16 @@ class Runtime:
         except Exception as error:
             transactor.abort(error)
             raise
+        batch.seconds = time.monotonic() - started
+        return True
+
+    def _committed(self, batch: Batch) -> None:
+        for tp in batch.records:
+            self._failures.pop(tp, None)
         self.processor.on_committed(batch)
         self.stats.observe(BatchReport(self.processor.name, "committed", batch.size,
                                        len(batch.outputs), len(batch.dead_letters),
-                                       time.monotonic() - started))  # fmt: skip
-        return True
-
-    def _abandon(self, records: Records) -> None:
-        self._rewind([records])
-        self.processor.on_aborted(records)
+                                       batch.seconds))  # fmt: skip
 
     def _rewind(self, scopes: Iterable[Records]) -> None:
         """Back to the first offset of each scope, for partitions still assigned."""
@@ -510,16 +543,28 @@ class Runtime:
 
     def hold(self) -> None:
         """Fetch nothing of the assigned partitions until `release()` (membership stays)."""
-        partitions = self.consumer.assignment()
-        if partitions - self.held:
-            self.consumer.pause(*partitions)
-            self.held = set(partitions)
+        unpaused = self.consumer.assignment() - self.consumer.paused()
+        if unpaused:
+            self.consumer.pause(*unpaused)
 
     def release(self) -> None:
-        if self.held:
-            self.consumer.resume(*self.held)
-            self.held = set()
+        paused = self.consumer.paused()
+        if paused:
+            self.consumer.resume(*paused)
             _restore_parked_records(self.consumer)
+
+    def retry(self, action: Callable[[], Any], what: str) -> None:
+        """Run `action` until it does not raise a KafkaError (a broker restart, a timeout),
+        waiting between tries; gives up only when stopping."""
+        while True:
+            try:
+                action()
+                return
+            except KafkaError as error:
+                log.warning("%s: %s failed (%s: %s); retrying", self.processor.name, what,
+                            type(error).__name__, error)  # fmt: skip
+                if self.stop.wait(1.0):
+                    return
 
     # --- lag ----------------------------------------------------------------------------
 

@@ -85,6 +85,10 @@ class TransactionAlertsWorker:
         self.restored_users = 0
         self.bad_changelog_records = 0
         self.restorer = make_consumer(settings=s, group_id=None, max_poll_records=10_000)
+        # The changelog's high watermarks (read_uncommitted), to see when every transaction
+        # on a partition has its markers written.
+        self.watermarks = make_consumer(settings=s, group_id=None,
+                                        isolation_level="read_uncommitted")  # fmt: skip
         self.partitions = self._co_partitioned()
 
         # One transactional id per worker instance: a restart under the same --instance
@@ -105,7 +109,7 @@ class TransactionAlertsWorker:
         )
         self.runtime = Runtime(
             self, consumer, [self.topic], max_records=self.batch_size,
-            closers=[self.transactor.close, self.restorer.close],
+            closers=[self.transactor.close, self.restorer.close, self.watermarks.close],
         )  # fmt: skip
         self.stats = self.runtime.stats
 
@@ -190,7 +194,8 @@ class TransactionAlertsWorker:
         """Nothing to drop: a batch's totals are applied only once it committed."""
 
     def on_assigned(self, partitions: set[TopicPartition]) -> None:
-        self._restore({tp.partition for tp in partitions if tp.topic == self.topic})
+        mine = {tp for tp in partitions if tp.topic == self.topic}
+        self.runtime.retry(lambda: self._restore(mine), "restoring from the changelog")
 
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         self._drop({tp.partition for tp in partitions if tp.topic == self.topic})
@@ -203,18 +208,22 @@ class TransactionAlertsWorker:
             for user in self.users_of.pop(p, ()):
                 self.totals.pop(user, None)
 
-    def _restore(self, partitions: set[int]) -> None:
+    def _restore(self, partitions: set[TopicPartition]) -> None:
         """The partitions' totals from the changelog, read_committed, to its end."""
         if not partitions:
             return
         started = time.monotonic()
         s = self.settings
+        # Stable committed offsets first (read_committed asks for them): the transaction of
+        # the partitions' previous owner is complete, so its changelog updates are too.
+        for tp in partitions:
+            self.runtime.consumer.committed(tp)
         topic = s.transaction_totals_changelog_topic
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        timeout_s = max(30.0, s.kafka_timeout_s)
-        records = read_records(self.restorer, tps, timeout_s)
+        tps = [TopicPartition(topic, tp.partition) for tp in sorted(partitions)]
+        end = self._stable_end(tps)
+        records = read_records(self.restorer, tps, max(30.0, s.kafka_timeout_s), end=end)
         self.restorer.assign([])  # holds no partitions between restores
-        restored, bad = fold_changelog(records, partitions, self.rules.scale)
+        restored, bad = fold_changelog(records, {tp.partition for tp in tps}, self.rules.scale)
         for record, reason in bad:
             # A poison record must not stop the worker (now or on every restart): the
             # user's total is the last good value before it.
@@ -228,8 +237,20 @@ class TransactionAlertsWorker:
             self.owned.add(p)
             self.restored_users += len(totals)
         log.info("restored %d users of partitions %s from the changelog in %.2fs",
-                 sum(map(len, restored.values())), sorted(partitions),
+                 sum(map(len, restored.values())), sorted(restored),
                  time.monotonic() - started)  # fmt: skip
+
+    def _stable_end(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The changelog's last stable offsets, once they reach the high watermarks: a
+        transaction that committed may still be writing its markers. An open transaction
+        that stays open (a dead owner's, aborted at its timeout) is waited for a moment only:
+        its updates will not count."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            stable = self.restorer.end_offsets(tps)
+            if stable == self.watermarks.end_offsets(tps) or time.monotonic() >= deadline:
+                return stable
+            self.runtime.stop.wait(0.02)
 
 
 def main(argv: list[str]) -> int:

@@ -22,7 +22,7 @@ import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.serializer import Serializer
 
 from tasks.settings import Settings, get_settings
@@ -330,8 +330,9 @@ def send_to_dlq(
 # --- reading a topic to its end -----------------------------------------------------------
 
 
-class ReadTimeoutError(TimeoutError):
-    """Reading partitions to their end made no progress for too long."""
+class ReadTimeoutError(KafkaTimeoutError):
+    """Reading partitions to their end made no progress for too long (a KafkaError, so
+    whatever retries Kafka errors retries this too)."""
 
 
 def read_to_end(
@@ -360,7 +361,12 @@ def read_to_end(
         for tp in tps:
             consumer.seek(tp, start[tp])
     ends = dict(end) if end is not None else consumer.end_offsets(tps)
-    positions = {tp: consumer.position(tp) for tp in tps}
+
+    def position(tp: TopicPartition) -> int:
+        at = consumer.position(tp)
+        return -1 if at is None else at  # None: still being looked up
+
+    positions = {tp: position(tp) for tp in tps}
     progressed = time.monotonic()
     batch: list[ConsumerRecord] = []
     while any(positions[tp] < ends[tp] for tp in tps):
@@ -369,7 +375,7 @@ def read_to_end(
             limit = ends[tp]
             batch.extend(records if records[-1].offset < limit else
                          [r for r in records if r.offset < limit])  # fmt: skip
-        now_at = {tp: consumer.position(tp) for tp in tps}
+        now_at = {tp: position(tp) for tp in tps}
         for tp, offset in now_at.items():
             if offset > ends[tp]:  # fetched past the end: leave it at the end
                 consumer.seek(tp, ends[tp])

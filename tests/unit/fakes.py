@@ -6,6 +6,8 @@ enough of the real clients' state to be coherent with each other:
 
 - the producer enforces the transaction protocol (init, begin, send, commit or abort): a
   runtime that forgets to abort, or reuses a closed producer, fails the way a real one would;
+- a send returns a future that completes when the producer flushes (or commits, or closes)
+  and can be told to fail then, as kafka-python's does when the broker refuses a batch;
 - offsets sent to a transaction reach the consumer's committed offsets when it commits;
 - the consumer fetches from a per-partition log at its positions, so `seek` makes records
   come again exactly as with a broker, and `poll` can be scripted (fixed results, or a
@@ -87,10 +89,34 @@ class Sent:
 
 
 class FakeFuture:
-    def __init__(self, sent: Sent) -> None:
+    """What `send` returns (kafka-python's FutureRecordMetadata): done once its producer
+    flushes, commits or closes; `failed()` then says whether the broker refused it."""
+
+    def __init__(self, sent: Sent, error: BaseException | None = None) -> None:
         self.sent = sent
+        self._error = error
+        self.is_done = False
+        self.value: Sent | None = None
+        self.exception: BaseException | None = None
+
+    def _complete(self) -> None:
+        if not self.is_done:
+            self.is_done = True
+            if self._error is None:
+                self.value = self.sent
+            else:
+                self.exception = self._error
+
+    def succeeded(self) -> bool:
+        return self.is_done and self.exception is None
+
+    def failed(self) -> bool:
+        return self.is_done and self.exception is not None
 
     def get(self, timeout: float | None = None) -> Sent:
+        self._complete()  # as if it waited for the broker
+        if self.exception is not None:
+            raise self.exception
         return self.sent
 
     def add_callback(self, fn, *args, **kwargs):
@@ -104,8 +130,9 @@ class FakeProducer(_Recorder):
     """A KafkaProducer; transactional ones follow the transaction protocol.
 
     `sent` is every send; `visible` what a read_committed reader would see (sends of
-    committed transactions, or every send of a non-transactional producer); `aborted` the
-    sends of aborted transactions.
+    committed transactions, or every delivered send of a non-transactional producer);
+    `aborted` the sends of aborted transactions. `fail_delivery` makes a send's future fail
+    (the send is then never visible; a transaction with such a send cannot commit).
     """
 
     def __init__(self, *, transactional: bool | None = None, partitions: int = 3) -> None:
@@ -122,6 +149,21 @@ class FakeProducer(_Recorder):
         self.close_timeouts: list[float | None] = []
         self._open: list[Sent] | None = None
         self._offsets: tuple[dict, Any] | None = None
+        self._undelivered: dict[int, BaseException] = {}  # send number -> its future's error
+        self._pending: list[FakeFuture] = []
+        self._transaction_error: BaseException | None = None
+
+    def fail_delivery(self, error: BaseException, *, at: int | None = None) -> FakeProducer:
+        """The future of send number `at` (1-based; default: the next send) fails with
+        `error` when it completes, as when the broker refuses the record's batch."""
+        n = self.count("send") + 1 if at is None else at
+        self._undelivered[n] = error
+        return self
+
+    def _complete_sends(self) -> None:
+        for future in self._pending:
+            future._complete()
+        self._pending = []
 
     @property
     def in_transaction(self) -> bool:
@@ -150,15 +192,21 @@ class FakeProducer(_Recorder):
     def send(self, topic, value=None, key=None, headers=None, partition=None, timestamp_ms=None):
         self._call("send", topic, value=value, key=key, partition=partition)
         self._usable()
+        error = self._undelivered.pop(self.count("send"), None)
         sent = Sent(topic, key, value, partition)
         if self.transactional:
             if self._open is None:
                 raise IllegalStateError("send outside a transaction")
-            self._open.append(sent)
-        else:
+            if error is None:
+                self._open.append(sent)
+            else:
+                self._transaction_error = error
+        elif error is None:
             self.visible.append(sent)
         self.sent.append(sent)
-        return FakeFuture(sent)
+        future = FakeFuture(sent, error)
+        self._pending.append(future)
+        return future
 
     def send_offsets_to_transaction(self, offsets, group_metadata) -> None:
         self._call("send_offsets_to_transaction", offsets, group_metadata)
@@ -172,6 +220,9 @@ class FakeProducer(_Recorder):
         self._usable()
         if self._open is None:
             raise IllegalStateError("no transaction in progress")
+        self._complete_sends()  # commit_transaction flushes
+        if self._transaction_error is not None:  # left open: it must be aborted
+            raise self._transaction_error
         self.visible.extend(self._open)
         if self._offsets is not None:
             offsets, metadata = self._offsets
@@ -186,11 +237,12 @@ class FakeProducer(_Recorder):
         self._usable()
         if self._open is not None:
             self.aborted.extend(self._open)
-        self._open, self._offsets = None, None
+        self._open, self._offsets, self._transaction_error = None, None, None
 
     def flush(self, timeout=None) -> None:
         self._call("flush", timeout=timeout)
         self._usable()
+        self._complete_sends()
 
     def partitions_for(self, topic: str) -> set[int]:
         self._call("partitions_for", topic)
@@ -199,6 +251,7 @@ class FakeProducer(_Recorder):
     def close(self, timeout=None, null_logger=False) -> None:
         self._call("close", timeout=timeout)
         self.close_timeouts.append(timeout)
+        self._complete_sends()
         self.closed = True
 
 
@@ -253,6 +306,9 @@ class FakeConsumer(_Recorder):
     called with the consumer (what happens inside poll: e.g. `rebalance`) and its result
     returned, or, if it returns None, a fetch from the logs. Without a script, poll fetches
     from the logs at the positions of the assigned, unpaused partitions.
+
+    `positions_unknown[tp] = n`: the next n `position(tp)` calls answer None, as
+    kafka-python's does while the partition's offset is still being looked up.
     """
 
     def __init__(
@@ -270,6 +326,7 @@ class FakeConsumer(_Recorder):
         self.end_override = dict(end_offsets or {})
         self._assigned: set[TopicPartition] = set()
         self.positions: dict[TopicPartition, int] = {}
+        self.positions_unknown: Counter[TopicPartition] = Counter()
         self.committed_offsets: dict[TopicPartition, int] = {}
         self.paused_partitions: set[TopicPartition] = set()
         self.highwaters: dict[TopicPartition, int] = {}
@@ -419,8 +476,11 @@ class FakeConsumer(_Recorder):
         for tp in partitions or tuple(self._assigned):
             self.positions[tp] = self.end_override.get(tp, self._end(tp))
 
-    def position(self, partition, timeout_ms=None) -> int:
+    def position(self, partition, timeout_ms=None) -> int | None:
         self._call("position", partition)
+        if self.positions_unknown[partition] > 0:
+            self.positions_unknown[partition] -= 1
+            return None
         return self.positions[partition]
 
     def end_offsets(self, partitions, timeout_ms=None) -> dict[TopicPartition, int]:

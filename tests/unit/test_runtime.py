@@ -9,7 +9,6 @@ run each worker's own hooks on the same fakes.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ from kafka.consumer.subscription_state import SubscriptionState
 from kafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
+    KafkaError,
     KafkaTimeoutError,
     ProducerFencedError,
 )
@@ -118,6 +118,32 @@ def outputs(producer: FakeProducer, topic: str = "out") -> list:
     return [s.value for s in producer.visible if s.topic == topic]
 
 
+class FakeClock:
+    """A `time.monotonic` for a module under test; `InstantStop.wait` moves it on."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class InstantStop(StopSignal):
+    """A StopSignal whose `wait` returns at once, recording the timeout (and moving a
+    FakeClock on by it): waits and retries without real sleeping."""
+
+    def __init__(self, clock: FakeClock | None = None) -> None:
+        super().__init__()
+        self.clock = clock
+        self.waits: list[float] = []
+
+    def wait(self, timeout_s: float) -> bool:
+        self.waits.append(timeout_s)
+        if self.clock is not None:
+            self.clock.now += timeout_s
+        return bool(self)
+
+
 # --- the commit -------------------------------------------------------------------------
 
 
@@ -153,6 +179,7 @@ def test_a_batch_commits_outputs_dead_letters_and_offsets_in_one_transaction():
     assert (report.worker, report.outcome, report.records, report.outputs, report.dead_letters) == (
         "test-worker", "committed", 5, 4, 1,
     )  # fmt: skip
+    assert report.seconds == processor.committed[0].seconds >= 0
     assert [b.state for b in processor.committed] == [{tp(0): [10, 11, 12], tp(1): [5, 6]}]
     assert processor.aborted == []
     assert consumer.seeks == []
@@ -292,7 +319,7 @@ def test_after_an_aborted_scope_the_later_scopes_of_the_poll_are_read_again():
     assert (outputs(p0), outputs(p1), outputs(p2)) == ([b"A", b"B"], [b"C", b"D"], [b"E", b"F"])
 
 
-def test_a_rebalance_during_poll_runs_the_hooks_and_the_poll_is_read_again():
+def test_a_rebalance_is_applied_as_one_net_change_and_the_poll_is_read_again():
     records = log_of(0, 5, b"a", b"b") + log_of(1, 5, b"c", b"d")
     consumer = FakeConsumer(records)
     factory = ProducerFactory(transactional=True)
@@ -300,7 +327,7 @@ def test_a_rebalance_during_poll_runs_the_hooks_and_the_poll_is_read_again():
     runtime = runtime_for(processor, consumer)
     runtime.subscribe()
 
-    def revoke_while_polling(c: FakeConsumer):
+    def rebalance_while_polling(c: FakeConsumer):
         # kafka-python runs the listener inside poll; the fetched records still come back.
         fetched = c.fetch()
         c.rebalance(revoked={tp(0), tp(1)}, assigned={tp(1), tp(2)})
@@ -308,32 +335,63 @@ def test_a_rebalance_during_poll_runs_the_hooks_and_the_poll_is_read_again():
 
     consumer.then(
         lambda c: c.rebalance(assigned={tp(0), tp(1)}) or {},
-        revoke_while_polling,
-        # Lost after partition 0 was already revoked: the hook hears only of partition 2.
-        lambda c: c.rebalance(lost={tp(0), tp(2)}) or {},
+        rebalance_while_polling,
+        # Removed from the group, then given partition 1 back: others may have had it.
+        lambda c: c.rebalance(lost={tp(1), tp(2)}, assigned={tp(1)}) or {},
         # Incremental (cooperative) assignment: only partition 3 is new to the processor.
-        lambda c: c.rebalance(assigned={tp(1), tp(3)}) or {},
+        lambda c: c.rebalance(assigned={tp(3)}) or {},
+        # Lost with no assignment in the same poll: revoked only.
+        lambda c: c.rebalance(lost={tp(3)}) or {},
     )
 
     assert runtime.step() == 0
-    assert processor.assigned == [{tp(0), tp(1)}]
+    assert processor.assigned == [{tp(0), tp(1)}] and processor.revoked == []
+    assert runtime.stats.rebalances == 1
 
     assert runtime.step() == 0  # records of partitions 0 and 1 came, none processed
-    assert processor.revoked == [{tp(0), tp(1)}]
-    assert processor.assigned == [{tp(0), tp(1)}, {tp(1), tp(2)}]
+    # Partition 1, revoked and assigned again, was kept: no hook, its state stays.
+    assert processor.revoked == [{tp(0)}]
+    assert processor.assigned == [{tp(0), tp(1)}, {tp(2)}]
     assert processor.processed == []
     assert consumer.seeks == [(tp(1), 5)]  # partition 0 is gone: not seeked
-    assert runtime.assigned == {tp(1), tp(2)}
+    assert runtime.assigned == {tp(1), tp(2)} and runtime.stats.rebalances == 2
 
-    assert runtime.step() == 0  # a lost partition is revoked for the processor
-    assert processor.revoked[-1] == {tp(2)} and runtime.assigned == {tp(1)}
-    assert runtime.stats.rebalances == 2  # the assignments; revocations are their other half
+    assert runtime.step() == 0  # a lost partition given back is revoked and assigned anew
+    assert processor.revoked[-1] == {tp(1), tp(2)} and processor.assigned[-1] == {tp(1)}
+    assert runtime.assigned == {tp(1)} and runtime.stats.rebalances == 3
 
     assert runtime.step() == 0
-    assert processor.assigned[-1] == {tp(3)} and runtime.assigned == {tp(1), tp(3)}
+    assert processor.assigned[-1] == {tp(3)} and len(processor.revoked) == 2
+    assert runtime.assigned == {tp(1), tp(3)} and runtime.stats.rebalances == 4
 
-    assert runtime.step() == 2  # the records of that poll, read again
+    assert runtime.step() == 0
+    assert processor.revoked[-1] == {tp(3)} and len(processor.assigned) == 4
+    assert runtime.assigned == {tp(1)}
+    assert runtime.stats.rebalances == 4  # counted per poll with an assignment
+
+    assert runtime.step() == 2  # the records of partition 1, read again
     assert outputs(factory.made[0]) == [b"C", b"D"]
+
+
+def test_a_partition_assigned_and_taken_back_within_one_poll_gets_no_hooks():
+    consumer = FakeConsumer()
+    processor = Processor(Transactor(ProducerFactory(transactional=True), SETTINGS))
+    runtime = runtime_for(processor, consumer)
+    runtime.subscribe()
+
+    def two_rebalances(c: FakeConsumer):
+        c.rebalance(revoked={tp(0), tp(1)}, assigned={tp(0), tp(1), tp(2)})
+        c.rebalance(revoked={tp(0), tp(1), tp(2)}, assigned={tp(0), tp(1)})
+        return {}
+
+    consumer.then(lambda c: c.rebalance(assigned={tp(0), tp(1)}) or {}, two_rebalances)
+    runtime.step()
+    runtime.step()
+
+    # Against the assignment the hooks knew, nothing changed: partition 2 was never applied.
+    assert processor.assigned == [{tp(0), tp(1)}] and processor.revoked == []
+    assert runtime.assigned == {tp(0), tp(1)}
+    assert runtime.stats.rebalances == 2  # once per poll that brought an assignment
 
 
 # --- a processing bug ---------------------------------------------------------------------
@@ -402,13 +460,158 @@ def test_a_record_whose_lone_commit_aborts_is_read_again():
     assert consumer.position(tp(0)) == 0, "the record whose commit aborted is skipped"
 
 
+def test_failures_are_counted_per_partition_and_first_offset_whatever_else_the_poll_holds():
+    p0, p1 = log_of(0, 0, b"boom", b"a"), log_of(1, 0, b"b")
+    consumer = FakeConsumer(p0 + p1, assignment={tp(0), tp(1)})
+    factory = ProducerFactory(transactional=True)
+    processor = Processor(Transactor(factory, SETTINGS))
+    runtime = runtime_for(processor, consumer, max_attempts=3)
+    # The partitions a poll brings vary: the batch starting at partition 0's offset 0 fails
+    # each time, in company or alone.
+    consumer.then({tp(0): p0, tp(1): p1}, {tp(0): p0}, {tp(0): p0, tp(1): p1})
+
+    runtime.step()
+    runtime.step()
+    [producer] = factory.made
+    assert producer.names() == ["init_transactions"] and runtime.stats.aborts == 2
+
+    runtime.step()  # partition 0's third failure at offset 0: one record at a time
+
+    assert processor.processed[3:] == [{tp(0): [0]}, {tp(0): [1]}, {tp(1): [0]}]
+    assert outputs(producer) == [b"A", b"B"]
+    [letter] = [s for s in producer.visible if s.topic == "t.dlq"]
+    assert (letter.value["partition"], letter.value["offset"]) == (0, 0)
+    assert runtime.step() == 0  # nothing is read again
+
+
+def test_a_revoked_partition_counts_its_failures_afresh():
+    consumer = FakeConsumer(log_of(0, 0, b"boom"))
+    factory = ProducerFactory(transactional=True)
+    processor = Processor(Transactor(factory, SETTINGS))
+    runtime = runtime_for(processor, consumer, max_attempts=3)
+    runtime.subscribe()
+    consumer.then(lambda c: c.rebalance(assigned={tp(0)}) or {})
+    runtime.step()
+    [producer] = factory.made
+
+    runtime.step()
+    runtime.step()  # two failures
+    consumer.then(lambda c: c.rebalance(lost={tp(0)}, assigned={tp(0)}) or {})
+    runtime.step()  # lost and given back: whatever was counted is gone
+    runtime.step()
+    runtime.step()
+    assert producer.names() == ["init_transactions"], "isolated before max_attempts"
+    assert runtime.stats.aborts == 4
+
+    runtime.step()  # the third failure since the partition came back
+    [letter] = [s for s in producer.visible if s.topic == "t.dlq"]
+    assert letter.value["offset"] == 0
+
+
+class SeekingBack(Processor):
+    """Like price-alerts, whose rebuild (its `on_aborted`) seeks the consumer back to the
+    committed offsets: dropping a batch's state moves the positions to its first offsets."""
+
+    def __init__(self, transactors, consumer: FakeConsumer) -> None:
+        super().__init__(transactors)
+        self.consumer = consumer
+
+    def on_aborted(self, records) -> None:
+        super().on_aborted(records)
+        for partition, rs in records.items():
+            self.consumer.seek(partition, rs[0].offset)
+
+
+def test_after_isolating_a_failure_the_positions_are_past_the_batch_whatever_on_aborted_did():
+    consumer = FakeConsumer(log_of(0, 0, b"a", b"boom", b"c") + log_of(1, 0, b"d"),
+                            assignment={tp(0), tp(1)})  # fmt: skip
+    factory = ProducerFactory(transactional=True)
+    processor = SeekingBack(Transactor(factory, SETTINGS), consumer)
+    runtime = runtime_for(processor, consumer, max_attempts=3)
+
+    for _ in range(3):
+        runtime.step()
+
+    [producer] = factory.made
+    assert outputs(producer) == [b"A", b"C", b"D"]
+    assert processor.aborted[-1] == {tp(0): [1]}  # it seeked partition 0 back to 1
+    assert (consumer.position(tp(0)), consumer.position(tp(1))) == (3, 1)
+    assert runtime.step() == 0  # nothing committed is processed (and emitted) again
+    assert outputs(producer) == [b"A", b"C", b"D"]
+
+
+def test_a_stop_while_isolating_leaves_the_records_not_yet_committed_to_be_read_again():
+    consumer, factory, processor, runtime = _boom_runtime()
+    for _ in range(2):
+        runtime.step()
+    # Stopped while the first record runs alone: it commits, the rest is read again.
+    processor.during_process = lambda records: len(processor.processed) == 4 and runtime.stop.set()
+
+    runtime.step()
+
+    [producer] = factory.made
+    assert processor.processed[3:] == [{tp(0): [0]}]
+    assert outputs(producer) == [b"A"]
+    assert consumer.seeks[-2:] == [(tp(0), 1), (tp(1), 0)]
+    assert (consumer.position(tp(0)), consumer.position(tp(1))) == (1, 0)
+
+
+# --- after the commit ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["on_committed", "stats listener"])
+def test_a_failure_after_the_commit_stops_the_worker_and_the_batch_is_not_processed_again(where):
+    consumer = FakeConsumer(log_of(0, 0, b"a", b"b"), assignment={tp(0)})
+    factory = ProducerFactory(transactional=True)
+    processor = Processor(Transactor(factory, SETTINGS))
+    runtime = runtime_for(processor, consumer)
+
+    def broken(*_):
+        raise RuntimeError("a bug after the commit")
+
+    if where == "on_committed":
+        processor.on_committed = broken
+    else:
+        runtime.stats.listeners.append(broken)
+
+    with pytest.raises(RuntimeError, match="a bug after the commit"):
+        runtime.step()
+
+    [producer] = factory.made
+    assert producer.count("commit_transaction") == 1 and outputs(producer) == [b"A", b"B"]
+    assert processor.processed == [{tp(0): [0, 1]}] and processor.aborted == []
+    assert consumer.seeks == [] and consumer.position(tp(0)) == 2
+    assert runtime.stats.aborts == 0
+    # Were the worker to go on, it would not emit the batch's outputs a second time.
+    assert runtime.step() == 0
+    assert producer.count("commit_transaction") == 1
+
+
+def test_a_failure_after_a_lone_commit_while_isolating_stops_the_worker_too():
+    _, factory, processor, runtime = _boom_runtime()
+    for _ in range(2):
+        runtime.step()
+
+    def broken(batch):
+        raise RuntimeError("a bug after the commit")
+
+    processor.on_committed = broken
+    with pytest.raises(RuntimeError, match="a bug after the commit"):
+        runtime.step()  # the first record alone commits, then on_committed raises
+
+    [producer] = factory.made
+    assert producer.count("commit_transaction") == 1 and outputs(producer) == [b"A"]
+    assert processor.processed[3:] == [{tp(0): [0]}]
+
+
 # --- at least once ------------------------------------------------------------------------
 
 
-def test_at_least_once_sends_flushes_and_commits_offsets_without_transactions(caplog):
+def test_at_least_once_sends_flushes_and_commits_offsets_without_transactions():
     consumer = FakeConsumer(log_of(0, 4, b"a", b"bad"), assignment={tp(0)})
     factory = ProducerFactory(transactional=False)
-    processor = Processor(Transactor(factory, SETTINGS, exactly_once=False))
+    transactor = Transactor(factory, SETTINGS, exactly_once=False)
+    processor = Processor(transactor)
     runtime = runtime_for(processor, consumer)
 
     runtime.step()
@@ -418,13 +621,54 @@ def test_at_least_once_sends_flushes_and_commits_offsets_without_transactions(ca
     assert consumer.commits == [{tp(0): OffsetAndMetadata(6, "", -1)}]
     assert outputs(producer) == [b"A"]
 
-    consumer.append(*log_of(0, 6, b"c"))
+
+def test_at_least_once_a_refused_offset_commit_aborts_the_batch_and_reads_it_again():
+    consumer = FakeConsumer(log_of(0, 6, b"c"), assignment={tp(0)})
+    factory = ProducerFactory(transactional=False)
+    transactor = Transactor(factory, SETTINGS, exactly_once=False)
+    processor = Processor(transactor)
+    runtime = runtime_for(processor, consumer)
     consumer.fail("commit", CommitFailedError("rebalanced"))
-    with caplog.at_level(logging.WARNING, logger="stream_workers.runtime"):
-        runtime.step()  # logged, not raised: the batch is redelivered to the next owner
-    assert "offset commit failed" in caplog.text
-    assert outputs(producer) == [b"A", b"C"]
-    assert runtime.stats.commits == 2 and runtime.stats.aborts == 0
+
+    runtime.step()  # not swallowed: aborted, the producer replaced, the batch read again
+
+    [producer] = factory.made
+    assert outputs(producer) == [b"C"]  # sent already: at least once
+    assert producer.closed and transactor.producer is None
+    assert consumer.commits == [] and consumer.seeks == [(tp(0), 6)]
+    assert processor.aborted == [{tp(0): [6]}] and processor.committed == []
+    assert (runtime.stats.commits, runtime.stats.aborts) == (0, 1)
+
+    runtime.step()
+    assert outputs(factory.made[1]) == [b"C"]  # the output twice, as at least once allows
+    assert consumer.commits == [{tp(0): OffsetAndMetadata(7, "", -1)}]
+    assert (runtime.stats.commits, runtime.stats.aborts) == (1, 1)
+
+
+@pytest.mark.parametrize("where", ["future", "send"])
+def test_at_least_once_a_failed_send_commits_no_offsets_and_reads_the_batch_again(where):
+    consumer = FakeConsumer(log_of(0, 0, b"a", b"b"), assignment={tp(0)})
+    flaky = FakeProducer()
+    if where == "future":  # what kafka-python does: the send's future fails, flush does not
+        flaky.fail_delivery(KafkaTimeoutError("batch expired"), at=2)
+    else:
+        flaky.fail("send", KafkaTimeoutError("buffer full"), at=2)
+    factory = ProducerFactory(flaky, transactional=False)
+    transactor = Transactor(factory, SETTINGS, exactly_once=False)
+    processor = Processor(transactor)
+    runtime = runtime_for(processor, consumer)
+
+    runtime.step()
+
+    assert consumer.count("commit") == 0, "offsets committed past an output never written"
+    assert outputs(flaky) == [b"A"]
+    assert flaky.closed and transactor.producer is None
+    assert consumer.seeks == [(tp(0), 0)] and processor.aborted == [{tp(0): [0, 1]}]
+    assert runtime.stats.aborts == 1
+
+    runtime.step()
+    assert outputs(factory.made[1]) == [b"A", b"B"]
+    assert consumer.commits == [{tp(0): OffsetAndMetadata(2, "", -1)}]
 
 
 def test_at_least_once_a_failed_flush_closes_the_producer_and_reads_the_batch_again():
@@ -478,11 +722,12 @@ def test_run_finishes_the_batch_in_hand_once_stopped():
 
     runtime.run(stop)
 
-    assert consumer.count("poll") == 1
+    assert consumer.count("poll") == 1  # stop is checked between polls
     assert consumer.listener is not None and consumer.subscribed == [TOPIC]
-    assert outputs(factories[0].made[0]) == [b"A"]  # the batch in hand committed
-    assert processor.processed == [{tp(0): [0]}]
-    assert consumer.seeks == [(tp(1), 0), (tp(2), 0)]  # the rest: the next owner's
+    # Every scope of the poll in hand is processed and committed.
+    assert [outputs(factories[p].made[0]) for p in range(3)] == [[b"A"], [b"B"], [b"C"]]
+    assert processor.processed == [{tp(0): [0]}, {tp(1): [0]}, {tp(2): [0]}]
+    assert consumer.seeks == [] and runtime.stats.commits == 3
 
 
 def test_run_reports_lag_per_assigned_partition():
@@ -514,16 +759,48 @@ def test_close_runs_every_closer_even_when_one_fails_then_closes_the_consumer():
 
 
 def test_hold_pauses_the_assignment_and_release_resumes_it():
-    consumer = FakeConsumer(log_of(0, 0, b"a"), assignment={tp(0), tp(1)})
+    consumer = FakeConsumer(log_of(0, 0, b"a") + log_of(2, 0, b"b"), assignment={tp(0), tp(1)})
     processor = Processor(Transactor(ProducerFactory(transactional=True), SETTINGS))
     runtime = runtime_for(processor, consumer)
     runtime.hold()
     runtime.hold()  # nothing new to pause
     assert consumer.paused() == {tp(0), tp(1)} and consumer.count("pause") == 1
     assert runtime.step() == 0
+    consumer.rebalance(assigned={tp(2)})  # while held: the next hold pauses it too
+    runtime.hold()
+    assert consumer.calls[-1] == ("pause", (tp(2),), {})
+    assert consumer.paused() == {tp(0), tp(1), tp(2)}
     runtime.release()
-    assert consumer.paused() == set() and runtime.held == set()
-    assert runtime.step() == 1
+    assert consumer.paused() == set() and consumer.count("resume") == 1
+    runtime.release()  # nothing paused: nothing to resume
+    assert consumer.count("resume") == 1
+    assert runtime.step() == 2
+
+
+def test_retry_runs_an_action_until_it_stops_raising_kafka_errors_waiting_between_tries():
+    processor = Processor(Transactor(ProducerFactory(transactional=True), SETTINGS))
+    runtime = runtime_for(processor, FakeConsumer())
+    runtime.stop = stop = InstantStop()
+    tries = []
+
+    def flaky():
+        tries.append(len(tries))
+        if len(tries) < 3:
+            raise (KafkaTimeoutError if len(tries) == 1 else ReadTimeoutError)("slow broker")
+
+    runtime.retry(flaky, "testing")
+    assert len(tries) == 3 and stop.waits == [1.0, 1.0]
+
+    def failing():
+        tries.append(len(tries))
+        raise KafkaTimeoutError("down")
+
+    stop.set()
+    runtime.retry(failing, "testing")  # stopping: gives up after the try
+    assert len(tries) == 4 and stop.waits == [1.0, 1.0, 1.0]
+
+    with pytest.raises(ValueError):  # not a Kafka error: a bug, not retried
+        runtime.retry(lambda: int("x"), "testing")
 
 
 # --- reading to the end -------------------------------------------------------------------
@@ -552,6 +829,14 @@ def test_read_records_from_given_offsets_to_a_given_end():
     assert read_records(consumer, [], 5) == [] and consumer.count("assign") == 1
 
 
+def test_read_to_end_waits_for_a_position_still_being_looked_up():
+    consumer = FakeConsumer(log_of(0, 0, b"0", b"1") + log_of(1, 0, b"x"))
+    consumer.positions_unknown[tp(0)] = 2  # None until the reset to the beginning is done
+    got = read_records(consumer, [tp(0), tp(1)], 5)
+    assert sorted((r.partition, r.offset) for r in got) == [(0, 0), (0, 1), (1, 0)]
+    assert consumer.positions_unknown[tp(0)] == 0
+
+
 def test_read_to_end_raises_naming_what_made_no_progress():
     # Partition 1's end is 5 but nothing past offset 2 ever comes (say, a stuck fetch).
     consumer = FakeConsumer(
@@ -561,6 +846,7 @@ def test_read_to_end_raises_naming_what_made_no_progress():
     with pytest.raises(ReadTimeoutError) as raised:
         list(read_to_end(consumer, [tp(0), tp(1)], timeout_s=0.3))
     assert time.monotonic() - started < 3
+    assert isinstance(raised.value, KafkaError)  # what retries Kafka errors retries this
     message = str(raised.value)
     assert "reading t partitions [0, 1]" in message
     assert "no progress for 0.3s" in message
@@ -656,7 +942,7 @@ def test_the_runtime_restores_parked_records_before_polling_and_on_release():
         consumer._fetcher = fetcher
         runtime = runtime_for(processor, consumer)
         if release:
-            runtime.held = {tp(0)}
+            consumer.pause(tp(0))
             runtime.release()
         else:
             runtime.step()
@@ -678,9 +964,10 @@ def _transaction(user: str, offset: int, amount: str, partitions: int = 2):
     return record(SETTINGS.transactions_topic, home, offset, value=value, key=user.encode())
 
 
-def _transaction_worker(monkeypatch, records, changelog=()):
+def _transaction_worker(monkeypatch, records, changelog=(), *, assign=True):
     """A TransactionAlertsWorker on fakes, its partitions assigned and restored from
-    `changelog` (the records the restore reads)."""
+    `changelog` (the records the restore reads); with `assign=False`, not assigned yet
+    (`_assign_both` does it)."""
     from stream_workers import transaction_alerts as module
 
     from .fakes import ConsumerFactory
@@ -689,28 +976,45 @@ def _transaction_worker(monkeypatch, records, changelog=()):
     source = s.transactions_topic
     counts = {source: 2, s.transaction_totals_changelog_topic: 2, s.transaction_alerts_topic: 2}
     read: list[list[TopicPartition]] = []
+    ends: list[dict[TopicPartition, int] | None] = []
+    read_errors: list[BaseException] = []
 
     def read_records(consumer, partitions, timeout_s, **options):
+        assert consumer is restorer
+        if read_errors:
+            raise read_errors.pop(0)
         read.append(sorted(partitions))
+        ends.append(options.get("end"))
         return [r for r in changelog if TopicPartition(r.topic, r.partition) in partitions]
 
     restorer = FakeConsumer(topics=counts)
+    watermarks = FakeConsumer(topics=counts)
     group = FakeConsumer(records, topics=counts)
+    consumers = ConsumerFactory(restorer, watermarks, group)
     producers = ProducerFactory()
     monkeypatch.setattr(module, "ensure_topics", lambda *a, **k: [])
-    monkeypatch.setattr(module, "make_consumer", ConsumerFactory(restorer, group))
+    monkeypatch.setattr(module, "make_consumer", consumers)
     monkeypatch.setattr(module, "make_producer", producers)
     monkeypatch.setattr(module, "read_records", read_records)
 
     worker = module.TransactionAlertsWorker(s, instance="0", batch_size=100)
     worker.runtime.abort_backoff_s = 0
     worker.runtime.subscribe()
-    group.then(lambda c: c.rebalance(assigned={TopicPartition(source, 0),
-                                                TopicPartition(source, 1)}) or {})  # fmt: skip
-    assert worker.runtime.step() == 0  # the assignment: restored before any record
     [producer] = producers.made
-    return SimpleNamespace(worker=worker, runtime=worker.runtime, group=group,
-                           restorer=restorer, producer=producer, read=read)  # fmt: skip
+    w = SimpleNamespace(worker=worker, runtime=worker.runtime, group=group, restorer=restorer,
+                        watermarks=watermarks, producer=producer, read=read, ends=ends,
+                        read_errors=read_errors, requests=consumers.requests,
+                        module=module)  # fmt: skip
+    if assign:
+        _assign_both(w)
+    return w
+
+
+def _assign_both(w) -> None:
+    source = SETTINGS.transactions_topic
+    w.group.then(lambda c: c.rebalance(assigned={TopicPartition(source, 0),
+                                                  TopicPartition(source, 1)}) or {})  # fmt: skip
+    assert w.runtime.step() == 0  # the assignment: restored before any record
 
 
 def test_transaction_alerts_applies_totals_only_once_committed(monkeypatch):
@@ -802,6 +1106,133 @@ def test_transaction_alerts_survives_a_record_its_rules_cannot_process(monkeypat
     assert w.worker.totals["alice"].minor == 1000
 
 
+def test_transaction_alerts_makes_a_restorer_a_watermarks_consumer_then_the_group(monkeypatch):
+    w = _transaction_worker(monkeypatch, [])
+    [(_, restorer), (_, watermarks), (_, group)] = w.requests
+    assert (restorer["group_id"], restorer["max_poll_records"]) == (None, 10_000)
+    assert (watermarks["group_id"], watermarks["isolation_level"]) == (None, "read_uncommitted")
+    assert group["group_id"] == SETTINGS.transaction_alerts_group
+    w.worker.close()
+    assert w.restorer.closed and w.watermarks.closed and w.group.closed
+
+
+def _changelog_tps() -> list[TopicPartition]:
+    changelog = SETTINGS.transaction_totals_changelog_topic
+    return [TopicPartition(changelog, 0), TopicPartition(changelog, 1)]
+
+
+def _stable_ends(monkeypatch, w, stable: list[dict], high: dict) -> list[int]:
+    """The restorer's (read_committed) end offsets answer `stable` in turn (the last one
+    from then on), the watermarks consumer's `high`; returns, per restorer call, how many
+    committed() calls the group consumer had had by then."""
+    committed_before: list[int] = []
+
+    def restorer_ends(partitions, timeout_ms=None):
+        assert sorted(partitions) == _changelog_tps()
+        committed_before.append(w.group.count("committed"))
+        return dict(stable.pop(0) if len(stable) > 1 else stable[0])
+
+    monkeypatch.setattr(w.restorer, "end_offsets", restorer_ends)
+    w.watermarks.end_override = dict(high)
+    return committed_before
+
+
+def test_transaction_alerts_restores_to_the_stable_end_once_it_reaches_the_watermarks(
+    monkeypatch,
+):
+    w = _transaction_worker(monkeypatch, [], assign=False)
+    clock = FakeClock()
+    monkeypatch.setattr(w.module, "time", SimpleNamespace(monotonic=clock.monotonic))
+    w.runtime.stop = stop = InstantStop(clock)
+    c0, c1 = _changelog_tps()
+    # A committed transaction on partition 0 is still writing its markers.
+    committed_before = _stable_ends(
+        monkeypatch, w, [{c0: 5, c1: 4}, {c0: 6, c1: 4}, {c0: 7, c1: 4}], high={c0: 7, c1: 4}
+    )
+
+    _assign_both(w)
+
+    assert w.ends == [{c0: 7, c1: 4}]  # read to the stable end = the high watermarks
+    assert stop.waits == [0.02, 0.02] and len(committed_before) == 3
+    # The group's committed offsets are asked first, for each assigned partition.
+    source = SETTINGS.transactions_topic
+    asked = [args[0] for name, args, _ in w.group.calls if name == "committed"]
+    assert sorted(asked) == [TopicPartition(source, 0), TopicPartition(source, 1)]
+    assert committed_before[0] == 2
+    assert w.watermarks.count("end_offsets") == 3
+    assert w.worker.owned == {0, 1}
+
+
+def test_transaction_alerts_restores_to_the_stable_end_after_two_seconds_at_most(monkeypatch):
+    w = _transaction_worker(monkeypatch, [], assign=False)
+    clock = FakeClock()
+    monkeypatch.setattr(w.module, "time", SimpleNamespace(monotonic=clock.monotonic))
+    w.runtime.stop = stop = InstantStop(clock)
+    c0, c1 = _changelog_tps()
+    # A dead owner's transaction stays open (until its timeout): the stable end stays back.
+    _stable_ends(monkeypatch, w, [{c0: 5, c1: 4}], high={c0: 7, c1: 4})
+    started = clock.now
+
+    _assign_both(w)
+
+    assert w.ends == [{c0: 5, c1: 4}]  # its updates do not count: up to the stable end
+    assert 2.0 <= clock.now - started < 2.1
+    assert set(stop.waits) == {0.02}
+    assert w.worker.owned == {0, 1}
+
+
+def test_transaction_alerts_retries_a_restore_that_fails(monkeypatch):
+    from tasks.transactions import UserTotal, changelog_value, key_partition
+
+    changelog = SETTINGS.transaction_totals_changelog_topic
+    home = key_partition(b"bob", 2)
+    value = json.dumps(changelog_value("bob", UserTotal(150000, 3, 9, AT), 2)).encode()
+    w = _transaction_worker(monkeypatch, [], [record(changelog, home, 0, key=b"bob", value=value)],
+                            assign=False)  # fmt: skip
+    w.runtime.stop = stop = InstantStop()
+    w.read_errors.extend([ReadTimeoutError("no progress"), KafkaTimeoutError("no leader")])
+
+    _assign_both(w)
+
+    assert stop.waits.count(1.0) == 2  # retried, a second apart
+    assert w.read == [_changelog_tps()]
+    assert w.worker.totals["bob"].minor == 150000 and w.worker.owned == {0, 1}
+    assert w.worker.restored_users == 1  # restored once, not once per try
+
+
+def test_transaction_alerts_keeps_the_totals_of_a_partition_kept_across_a_rebalance(
+    monkeypatch,
+):
+    from tasks.transactions import UserTotal, changelog_value, key_partition
+
+    s = SETTINGS
+    source, changelog = s.transactions_topic, s.transaction_totals_changelog_topic
+    home = {u: key_partition(u.encode(), 2) for u in ("alice", "bob")}
+    saved = [
+        record(changelog, home[u], 0, key=u.encode(),
+               value=json.dumps(changelog_value(u, UserTotal(100, 1, 9, AT), 2)).encode())
+        for u in ("alice", "bob")
+    ]  # fmt: skip
+    w = _transaction_worker(monkeypatch, [_transaction("alice", 0, "25.00")], saved)
+    worker, runtime = w.worker, w.runtime
+    runtime.step()
+    assert worker.totals["alice"].minor == 2600  # in memory, past the saved value (100)
+    kept, gone = TopicPartition(source, home["alice"]), TopicPartition(source, home["bob"])
+
+    # Eager: everything revoked, then alice's partition assigned to us again.
+    w.group.then(lambda c: c.rebalance(revoked={kept, gone}, assigned={kept}) or {})
+    runtime.step()
+    assert len(w.read) == 1, "a kept partition was restored again"
+    assert worker.totals["alice"].minor == 2600 and "bob" not in worker.totals
+    assert worker.owned == {home["alice"]}
+
+    # Lost (others may have processed it), then given back: restored from the changelog.
+    w.group.then(lambda c: c.rebalance(lost={kept}, assigned={kept}) or {})
+    runtime.step()
+    assert w.read[1:] == [[TopicPartition(changelog, home["alice"])]]
+    assert worker.totals["alice"].minor == 100 and worker.owned == {home["alice"]}
+
+
 def test_price_alerts_rebuilds_after_being_fenced_and_fires_once(monkeypatch):
     from stream_workers import price_alerts as module
 
@@ -834,7 +1265,7 @@ def test_price_alerts_rebuilds_after_being_fenced_and_fires_once(monkeypatch):
     assert set(worker.transactors) == {0, 1} and "a1" in worker.state.alerts
     assert worker.counts["rebuilds"] == 1
 
-    fenced = worker.transactors[0].producer
+    fenced, other = worker.transactors[0].producer, worker.transactors[1].producer
     assert fenced.config["transactional_id"].endswith(f"{s.trades_topic}-0")
     fenced.fail("commit_transaction", ProducerFencedError("the batch flow took the id"))
     runtime.step()
@@ -843,6 +1274,15 @@ def test_price_alerts_rebuilds_after_being_fenced_and_fires_once(monkeypatch):
     assert worker.counts["rebuilds"] == 2
     replacement = worker.transactors[0].producer
     assert replacement is not fenced and replacement.initialised
+    # Every partition's producer is new (init_transactions waits for each earlier
+    # transaction under its id): the alerts read next show every committed tombstone.
+    assert other.closed and worker.transactors[1].producer is not other
+    assert worker.transactors[1].producer.initialised
+    assert [p for p in producers.made if not p.closed] == [
+        producers.made[0],  # the DLQ producer
+        replacement,
+        worker.transactors[1].producer,
+    ]
     assert "a1" in worker.state.alerts  # its firing did not commit: live again
 
     runtime.step()  # the trades, read again, fire it once
@@ -907,3 +1347,90 @@ def test_jobs_lane_skips_known_ids_and_forgets_those_of_an_aborted_slice(monkeyp
     assert handled == [fresh, later, later]
     assert [str(parse_result(v.value).job_id) for v in producer.visible] == [fresh, later]
     assert later in lane.known and lane.stats.counts["duplicate"] == 1
+
+
+class FakeEvent:
+    """The lanes' shared `realtime_idle` event; records waits instead of sleeping."""
+
+    def __init__(self, is_set: bool = False) -> None:
+        self._set = is_set
+        self.waits: list[float] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+
+    def clear(self) -> None:
+        self._set = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return self._set
+
+
+def _lane(monkeypatch, priority, consumer: FakeConsumer, realtime_idle):
+    from stream_workers import jobs as module
+
+    from .fakes import ConsumerFactory
+
+    monkeypatch.setattr(module, "make_consumer", ConsumerFactory(consumer))
+    monkeypatch.setattr(module, "make_producer", ProducerFactory())
+    monkeypatch.setattr(module, "result_ids_since", lambda *a, **k: set())
+    monkeypatch.setattr(module, "processor_registry", lambda *a, **k: {})
+    return module.Lane("payments", priority, realtime_idle, SETTINGS)
+
+
+def test_jobs_normal_lane_holds_while_realtime_is_pending_polling_as_usual(monkeypatch):
+    from tasks.jobs import Priority
+
+    topic = SETTINGS.jobs_topic("payments", "NORMAL")
+    consumer = FakeConsumer(assignment={tp(0, topic), tp(1, topic)})
+    idle = FakeEvent(is_set=False)
+    lane = _lane(monkeypatch, Priority.NORMAL, consumer, idle)
+    runtime = lane.runtime
+    timeout = runtime.poll_timeout_ms
+
+    lane._hold_while_realtime()
+    lane._hold_while_realtime()
+    assert consumer.paused() == {tp(0, topic), tp(1, topic)} and consumer.count("pause") == 1
+    # The poll still waits (a rebalance completes only in a poll that waits), the lane
+    # does not sleep on its own.
+    assert runtime.poll_timeout_ms == timeout > 0 and idle.waits == []
+
+    idle.set()
+    lane._hold_while_realtime()
+    assert consumer.paused() == set() and runtime.poll_timeout_ms == timeout
+    assert 1 <= runtime.max_records <= SETTINGS.jobs_processor_max_batch
+
+
+def test_jobs_realtime_lane_counts_an_unknown_position_as_pending(monkeypatch):
+    from tasks.jobs import Priority
+
+    topic = SETTINGS.jobs_topic("payments", "REALTIME")
+    consumer = FakeConsumer(log_of(0, 0, b"j", topic=topic), assignment={tp(0, topic)})
+    lane = _lane(monkeypatch, Priority.REALTIME, consumer, FakeEvent())
+    consumer.positions[tp(0, topic)] = 1  # at the end: nothing pending
+    assert lane._realtime_pending() is False
+    consumer.positions_unknown[tp(0, topic)] = 1  # being reset (e.g. just assigned)
+    assert lane._realtime_pending() is True
+
+
+def test_a_partition_handed_away_and_back_within_one_poll_is_revoked_and_assigned_afresh():
+    consumer = FakeConsumer()
+    processor = Processor(Transactor(ProducerFactory(transactional=True), SETTINGS))
+    runtime = runtime_for(processor, consumer)
+    runtime.subscribe()
+
+    def two_rebalances(c: FakeConsumer):
+        c.rebalance(revoked={tp(0), tp(1)}, assigned={tp(0)})  # partition 1 to another member
+        c.rebalance(revoked={tp(0)}, assigned={tp(0), tp(1)})  # ... which processed it: back
+        return {}
+
+    consumer.then(lambda c: c.rebalance(assigned={tp(0), tp(1)}) or {}, two_rebalances)
+    runtime.step()
+    runtime.step()
+
+    assert processor.revoked == [{tp(1)}]  # partition 0 stayed ours throughout: kept
+    assert processor.assigned == [{tp(0), tp(1)}, {tp(1)}]
