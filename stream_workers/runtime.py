@@ -215,9 +215,12 @@ class Transactor:
             _close_quietly(producer)
 
     def close(self, timeout_s: float = 5) -> None:
-        if self.producer is not None:
-            self.producer.close(timeout=timeout_s)
-            self.producer = None
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=timeout_s)
+            except Exception as error:  # e.g. a flush that times out: do not stop the worker
+                log.warning("closing a producer: %s: %s", type(error).__name__, error)
 
 
 def _close_quietly(producer: KafkaProducer) -> None:
