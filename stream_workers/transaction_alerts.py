@@ -85,11 +85,11 @@ class TransactionAlertsWorker:
         self.restored_users = 0
         self.bad_changelog_records = 0
         self.restorer = make_consumer(settings=s, group_id=None, max_poll_records=10_000)
+        self.partitions = self._co_partitioned()
         # The changelog's high watermarks (read_uncommitted), to see when every transaction
         # on a partition has its markers written.
         self.watermarks = make_consumer(settings=s, group_id=None,
                                         isolation_level="read_uncommitted")  # fmt: skip
-        self.partitions = self._co_partitioned()
 
         # One transactional id per worker instance: a restart under the same --instance
         # fences its predecessor and aborts the transaction it left open at once.
