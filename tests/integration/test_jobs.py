@@ -156,7 +156,7 @@ def test_slow_batches_wait_while_normal_jobs_are_pending(prefect_api, jobs_setti
                   value={"id": bad_id, "group": 7})  # fmt: skip
     waiting = payment()  # no daemon runs: this NORMAL job stays pending
     producer.send(jobs_settings.jobs_topic(PROCESSOR, "normal"), key=str(waiting.id), value=waiting)
-    producer.flush()
+    producer.close()  # flushes; no client left running after the test
 
     summary = slow_job_batches(processor=PROCESSOR, max_jobs=10)
     assert summary["yielded_to"] == {"NORMAL": 1}
@@ -194,7 +194,7 @@ def test_a_result_recorded_but_not_published_is_published_once_on_rerun(
     jobs = [payment("5.00").model_copy(update={"priority": Priority.SLOW}) for _ in range(4)]
     for job in jobs:
         producer.send(jobs_settings.jobs_topic(PROCESSOR, "slow"), key=str(job.id), value=job)
-    producer.flush()
+    producer.close()  # flushes; no client left running after the test
 
     def crash(*_args):
         raise RuntimeError("killed between recording and publishing")
@@ -279,7 +279,7 @@ def test_a_kill_between_handler_and_commit_gives_one_result_and_one_call(jobs_se
         producer.send(
             realtime, key=str(job.id), value=job.model_copy(update={"priority": Priority.REALTIME})
         )
-        producer.flush()
+        producer.close()  # flushes; no client left running after the test
         marker = submitter.submit(payment("1.00"), Priority.REALTIME)
         assert marker.status is JobStatus.PROCESSED_OK
     assert daemon.stop() == 0, daemon.tail()
@@ -295,7 +295,7 @@ def test_errors_and_malformed_jobs_do_not_stop_the_daemon(jobs_settings, daemon)
     producer = make_producer(jobs_settings)
     producer.send(realtime, key="x", value={"id": "not-a-uuid", "group": "payment-submit"})
     producer.send(realtime, key="y", value=None)
-    producer.flush()
+    producer.close()  # flushes; no client left running after the test
     with Submitter(PROCESSOR, jobs_settings, timeouts_s={Priority.NORMAL: 60}) as submitter:
         unknown, failing, fine = (
             submitter.submit_async(payment(group="refund"), Priority.NORMAL),
@@ -330,7 +330,7 @@ def test_a_normal_backlog_keeps_draining_between_realtime_jobs(jobs_settings, da
     for i in range(backlog):
         job = payment(f"{i % 50 + 1}.00")
         producer.send(normal, key=str(job.id), value=job)
-    producer.flush()
+    producer.close()  # flushes; no client left running after the test
     daemon.start()
     realtime_done = 0
     deadline = time.monotonic() + 90

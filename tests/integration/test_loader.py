@@ -114,7 +114,7 @@ def test_new_events_after_a_load_are_picked_up_next_time(settings, unique):
     producer = make_producer(settings)
     for i in range(50, 80):
         producer.send(topic, key="late", value={"i": i})
-    producer.flush()
+    producer.close()  # flushes; no client left running after the test
     second = load_topic(con, topic, insert_sql="warehouse/insert_raw_events")
     assert (first.rows, second.rows) == (50, 30)
     assert sum(stored_offsets(con, topic, "warehouse/insert_raw_events").values()) == 80
