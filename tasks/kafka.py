@@ -22,7 +22,17 @@ import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    SaslAuthenticationFailedError,
+    TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
+)
+from kafka.net.compat import KafkaNetClient
+from kafka.net.manager import KafkaConnectionManager
+from kafka.net.selector import NetworkSelector
 from kafka.serializer import Serializer
 
 from tasks.settings import Settings, get_settings
@@ -32,6 +42,12 @@ log = logging.getLogger(__name__)
 
 class BrokerUnavailableError(RuntimeError):
     """The Kafka cluster did not answer at the configured address in time."""
+
+
+class KafkaConfigError(BrokerUnavailableError):
+    """The cluster cannot be used with these settings: credentials refused, a mechanism it
+    does not enable, an unreadable CA file, a failed TLS handshake. Retrying cannot help;
+    the message names the setting to fix (never a secret's value)."""
 
 
 # --- JSON ---------------------------------------------------------------------------------
@@ -94,6 +110,9 @@ def client_config(settings: Settings | None = None) -> dict[str, Any]:
         "security_protocol": s.kafka_security_protocol,
         "bootstrap_timeout_ms": int(s.kafka_timeout_s * 1000),
     }
+    if s.kafka_security_protocol != "PLAINTEXT":
+        # Only a login or a certificate check can be refused; plaintext keeps the stock client.
+        config["kafka_client"] = _fail_fast_client
     if s.kafka_sasl_mechanism:
         config["sasl_mechanism"] = s.kafka_sasl_mechanism
         config["sasl_plain_username"] = s.kafka_sasl_username
@@ -104,7 +123,132 @@ def client_config(settings: Settings | None = None) -> dict[str, Any]:
     return config
 
 
+# --- refused settings: fail at the first refusal, say which setting -----------------------
+
+
+def _refused(error: BaseException) -> bool:
+    """The broker refused these settings: no retry can help. (A failed TLS certificate
+    check counts: kafka-python reports it as a connection error.)"""
+    if isinstance(error, SaslAuthenticationFailedError | UnsupportedSaslMechanismError):
+        return True
+    text = str(error)
+    return (
+        isinstance(error, KafkaConnectionError)
+        and "Handshake failed" in text
+        and "CERTIFICATE_VERIFY_FAILED" in text
+    )
+
+
+class _LoginClosedError(SaslAuthenticationFailedError):
+    """The broker closed the connection during the SASL login, twice in a row."""
+
+
+class _FailFastConnections(KafkaConnectionManager):
+    """kafka-python's connection manager, stopping at the broker's first refusal of the
+    settings while it has never connected.
+
+    kafka-python (3.0) counts a connection whose login failed as made (its `_connect`
+    only sees the failure later), so a refused SASL login or a failed certificate check
+    is retried until `bootstrap_timeout_ms`, each attempt logged; the Java client stops at
+    once. Here a failed connection is not counted as made, and, until one connection
+    succeeded, a refusal becomes the node's authentication failure, which kafka-python's
+    `get_connection` then raises instead of reconnecting. (Once connected, a refusal is
+    retried as before: a cluster that accepted these settings may be restarting.)
+
+    The broker answers a refused login and closes the connection at once; kafka-python
+    drops a response that arrives together with the close, so a refusal often shows only
+    as "socket disconnected" after the broker's version was read (that is, during the
+    login). Twice in a row counts as a refusal too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connected_once = False
+        self._login_hangups: dict[Any, int] = {}
+
+    async def _connect(self, node, conn, *args: Any, **kwargs: Any) -> None:
+        known_version = self.broker_version_data
+        await super()._connect(node, conn, *args, **kwargs)
+        if not conn.init_future.is_done:  # closed while connecting: nothing learnt
+            return
+        failure = conn.init_future.exception
+        if failure is None:
+            self._connected_once = True
+            self._login_hangups.clear()
+            return
+        self.broker_version_data = known_version  # a failed connection taught us nothing
+        if self._connected_once:
+            return
+        hangup = (
+            conn.sasl_enabled
+            and known_version is None  # so the connection asked for the version itself
+            and conn.broker_version_data is not None  # ApiVersions answered: in the login
+            and isinstance(failure, KafkaConnectionError)
+            and "socket disconnected" in str(failure)
+        )
+        hangups = self._login_hangups[node.node_id] = (
+            self._login_hangups.get(node.node_id, 0) + 1 if hangup else 0
+        )
+        if _refused(failure):
+            self._auth_failures[node.node_id] = failure
+        elif hangups >= 2:
+            self._auth_failures[node.node_id] = _LoginClosedError(
+                "the broker closed the connection during the login, twice"
+            )
+
+
+def _fail_fast_client(**configs: Any) -> KafkaNetClient:
+    """The `kafka_client` factory of every client (kafka-python's, with the manager above)."""
+    net = NetworkSelector(**configs)
+    return KafkaNetClient(net=net, manager=_FailFastConnections(net, **configs), **configs)
+
+
+def _redact(text: str, settings: Settings) -> str:
+    secret = settings.kafka_sasl_password
+    if secret is not None and secret.get_secret_value():
+        text = text.replace(secret.get_secret_value(), "***")
+    return text
+
+
+def _broker_says(error: BaseException) -> str:
+    text = str(error.args[0]) if error.args else ""
+    return text.removeprefix(f"{type(error).__name__}: ") or type(error).__name__
+
+
+def _config_error(settings: Settings, error: BaseException) -> KafkaConfigError:
+    s = settings
+    at = f"Kafka at {s.kafka_bootstrap_servers}"
+    if isinstance(error, _LoginClosedError):
+        message = (
+            f"{at} closed the connection during the SASL {s.kafka_sasl_mechanism} login of "
+            f"user {s.kafka_sasl_username!r}, twice: it refuses these credentials or this "
+            "mechanism; check KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and KAFKA_SASL_MECHANISM"
+        )
+    elif isinstance(error, SaslAuthenticationFailedError):
+        message = (
+            f"{at} refused the SASL {s.kafka_sasl_mechanism} login of user "
+            f"{s.kafka_sasl_username!r} ({_broker_says(error)}); check KAFKA_SASL_USERNAME "
+            "and KAFKA_SASL_PASSWORD"
+        )
+    elif isinstance(error, UnsupportedSaslMechanismError):
+        message = (
+            f"{at} does not enable the SASL mechanism {s.kafka_sasl_mechanism} "
+            f"(KAFKA_SASL_MECHANISM, user {s.kafka_sasl_username!r}): {_broker_says(error)}"
+        )
+    else:
+        message = (
+            f"the TLS handshake with {at} failed ({_broker_says(error)}); KAFKA_SSL_CAFILE="
+            f"{s.kafka_ssl_cafile or '(unset: the system CAs)'} must hold the CA that "
+            "signed the broker's certificate, whose names must include the host you connect to"
+        )
+    return KafkaConfigError(_redact(message, s))
+
+
 def _unavailable(settings: Settings, error: Exception) -> BrokerUnavailableError:
+    """The error for a client that could not be created: KafkaConfigError, naming the
+    setting, when the broker refused the settings; else BrokerUnavailableError."""
+    if _refused(error):
+        return _config_error(settings, error)
     return BrokerUnavailableError(
         f"Kafka broker not reachable at {settings.kafka_bootstrap_servers} within "
         f"{settings.kafka_timeout_s:g}s ({type(error).__name__}). Start one with `make up`, "
@@ -205,6 +349,7 @@ def project_topics(settings: Settings | None = None) -> list[TopicSpec]:
     ]
     dlqs = [TopicSpec(s.dlq_topic(t.name), 1) for t in topics if not t.compacted]
     dlqs.append(TopicSpec(s.dlq_topic(s.price_alerts_topic), 1))
+    dlqs.append(TopicSpec(s.dlq_topic(s.transaction_totals_changelog_topic), 1))
     return topics + dlqs
 
 

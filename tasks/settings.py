@@ -7,12 +7,14 @@ left to Prefect itself.
 
 from __future__ import annotations
 
+import ssl
+import typing
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -57,6 +59,11 @@ class Settings(BaseSettings):
     price_window_minutes: int = Field(default=10, ge=1)
     deposit_alert_threshold: Decimal = Decimal("2000")
     withdrawal_alert_threshold: Decimal = Decimal("-2000")
+
+    # --- stream workers (all) ---------------------------------------------------
+    # Each worker process writes `<worker>.<instance>.json` here (state, assigned partitions,
+    # counts, lag) when its assignment changes and with every progress line; unset: none.
+    stream_status_dir: Path | None = None
 
     # --- prices ----------------------------------------------------------------
     price_alerts_group: str = "price-alerts"  # worker consumer group
@@ -121,6 +128,42 @@ class Settings(BaseSettings):
     payments_upstream_path: Path | None = None  # default: payments-upstream.sqlite by the warehouse
     payments_upstream_rate_per_s: float = Field(default=1000, gt=0, description="token bucket")
     payments_upstream_burst: int = Field(default=50, ge=1)
+
+    @field_validator("kafka_ssl_cafile")
+    @classmethod
+    def _ca_file_is_readable(cls, path: Path | None) -> Path | None:
+        """A CA bundle clients can load: checked here, once, so no client retries on it."""
+        if path is None:
+            return None
+        try:
+            ssl.create_default_context(cafile=str(path))
+        except ssl.SSLError:
+            raise ValueError(f"{str(path)!r} holds no PEM CA certificate") from None
+        except OSError as error:
+            raise ValueError(f"cannot read {str(path)!r}: {error.strerror or error}") from None
+        return path
+
+    @model_validator(mode="after")
+    def _sasl_settings_agree(self) -> Settings:
+        """SASL settings that the protocol uses, complete for the mechanism."""
+        protocol, mechanism = self.kafka_security_protocol, self.kafka_sasl_mechanism
+        if protocol.startswith("SASL_") and mechanism is None:
+            choices = ", ".join(typing.get_args(SaslMechanism))
+            raise ValueError(
+                f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_MECHANISM (one of {choices})"
+            )
+        if mechanism is not None and not protocol.startswith("SASL_"):
+            raise ValueError(
+                f"KAFKA_SASL_MECHANISM={mechanism} is set but KAFKA_SECURITY_PROTOCOL={protocol} "
+                "does not use SASL (SASL_PLAINTEXT or SASL_SSL do)"
+            )
+        if mechanism in {"PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"}:
+            missing = [name for name, value in (("KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                                                ("KAFKA_SASL_PASSWORD", self.kafka_sasl_password))
+                       if not value]  # fmt: skip
+            if missing:
+                raise ValueError(f"KAFKA_SASL_MECHANISM={mechanism} needs {' and '.join(missing)}")
+        return self
 
     def jobs_processor_group(self, processor: str) -> str:
         """Consumer group prefix (+ `.realtime` / `.normal`) and transactional id prefix of a
