@@ -100,6 +100,7 @@ class PriceAlertsWorker:
             abort_backoff_s=s.price_fence_backoff_s,
             closers=[self._close_transactors, lambda: self.dlq_producer.close(timeout=5),
                      lambda: self.alerts_consumer.close(autocommit=False)],
+            instance=instance, status_dir=s.stream_status_dir,
         )  # fmt: skip
         self.stats = self.runtime.stats
         self.counts = self.stats.counts

@@ -23,12 +23,16 @@ and what to do when partitions are assigned or revoked. The runtime owns the res
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
@@ -186,7 +190,8 @@ class Transactor:
             self.before_commit(batch)
         offsets = batch.next_offsets()
         if self.exactly_once:
-            producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
+            if offsets:  # a batch may consume nothing (a repair written during a restore)
+                producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
             producer.commit_transaction()
             return
         # At least once: offsets only after every output is acknowledged (flush does not
@@ -195,7 +200,8 @@ class Transactor:
         for future in sent:
             if future.failed():
                 raise future.exception
-        consumer.commit(offsets)
+        if offsets:
+            consumer.commit(offsets)
 
     def abort(self, error: BaseException) -> None:
         """Abort the open transaction; replace the producer when it is fenced or unusable."""
@@ -304,6 +310,8 @@ class Runtime:
         abort_backoff_s: float = 0.2,
         progress_interval_s: float = 10.0,
         closers: Iterable[Callable[[], Any]] = (),
+        instance: str | None = None,
+        status_dir: Path | None = None,
     ) -> None:
         self.processor = processor
         self.consumer = consumer
@@ -321,6 +329,13 @@ class Runtime:
         self._failures: dict[TopicPartition, tuple[int, int]] = {}
         self.stop: StopSignal = StopSignal()
         self._subscribed = False
+        self.instance = instance
+        # "joining" until the first assignment is applied (its state restored), "running",
+        # then "stopped": what readiness checks and `make status` read from the status file.
+        self.state = "joining"
+        self.status_path = (
+            status_dir / f"{processor.name}.{instance or os.getpid()}.json" if status_dir else None
+        )
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -351,6 +366,7 @@ class Runtime:
         """Poll, process and commit until `stop` is set; the batch in hand always finishes."""
         self.stop = stop if stop is not None else StopSignal()
         self.subscribe()
+        self.write_status()
         last_progress, records_then = time.monotonic(), 0
         while not self.stop:
             if before_poll is not None:
@@ -364,7 +380,10 @@ class Runtime:
                 self._update_lag()
                 log.info("%s: %s; %.0f records/s; lag %s", self.processor.name,
                          self.stats.summary(), rate, self._lag_text())  # fmt: skip
+                self.write_status()
                 last_progress, records_then = time.monotonic(), self.stats.records
+        self.state = "stopped"
+        self.write_status()
         log.info("%s stopped: %s", self.processor.name, self.stats.summary())
 
     def step(self, max_records: int | None = None) -> int:
@@ -416,6 +435,8 @@ class Runtime:
                      _names(fresh))  # fmt: skip
             if fresh:
                 self.processor.on_assigned(fresh)
+        self.state = "running"
+        self.write_status()
         return {}
 
     # --- batches ------------------------------------------------------------------------
@@ -568,6 +589,42 @@ class Runtime:
                             type(error).__name__, error)  # fmt: skip
                 if self.stop.wait(1.0):
                     return
+
+    # --- status -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What this worker process is doing, from its own state (JSON-able)."""
+        stats = self.stats
+        return {
+            "worker": self.processor.name,
+            "instance": self.instance,
+            "pid": os.getpid(),
+            "group": self.consumer.config.get("group_id"),
+            "state": self.state,
+            # Applied to the worker: on_assigned (e.g. a restore) has returned for these.
+            "assigned": _names(self.assigned),
+            "records": stats.records,
+            "outputs": stats.outputs,
+            "dead_letters": stats.dead_letters,
+            "commits": stats.commits,
+            "aborts": stats.aborts,
+            "rebalances": stats.rebalances,
+            "counts": dict(stats.counts),
+            "lag": {f"{tp.topic}[{tp.partition}]": n for tp, n in sorted(stats.lag.items())},
+            "updated_at": datetime.now(UTC).isoformat(),
+        }
+
+    def write_status(self) -> None:
+        """Replace the status file (atomically: readers never see half a file)."""
+        if self.status_path is None:
+            return
+        try:
+            self.status_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.status_path.with_suffix(".tmp")
+            partial.write_text(json.dumps(self.status()))
+            os.replace(partial, self.status_path)
+        except OSError as error:  # a status file must never stop a worker
+            log.warning("%s: cannot write %s: %s", self.processor.name, self.status_path, error)
 
     # --- lag ----------------------------------------------------------------------------
 

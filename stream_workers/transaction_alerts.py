@@ -20,7 +20,7 @@ import uuid
 from collections import defaultdict
 
 from kafka import TopicPartition
-from kafka.errors import FencedInstanceIdError
+from kafka.errors import FencedInstanceIdError, KafkaError
 
 from stream_workers.runtime import Batch, Records, Runtime, Transactor, static_member_id
 from tasks.kafka import (
@@ -76,6 +76,7 @@ class TransactionAlertsWorker:
             s.transaction_alerts_topic,
             s.transaction_totals_changelog_topic,
             s.dlq_topic(s.transactions_topic),
+            s.dlq_topic(s.transaction_totals_changelog_topic),
         }
         ensure_topics([t for t in project_topics(s) if t.name in mine], s)
 
@@ -110,6 +111,7 @@ class TransactionAlertsWorker:
         self.runtime = Runtime(
             self, consumer, [self.topic], max_records=self.batch_size,
             closers=[self.transactor.close, self.restorer.close, self.watermarks.close],
+            instance=instance, status_dir=s.stream_status_dir,
         )  # fmt: skip
         self.stats = self.runtime.stats
 
@@ -224,21 +226,44 @@ class TransactionAlertsWorker:
         records = read_records(self.restorer, tps, max(30.0, s.kafka_timeout_s), end=end)
         self.restorer.assign([])  # holds no partitions between restores
         restored, bad = fold_changelog(records, {tp.partition for tp in tps}, self.rules.scale)
-        for record, reason in bad:
-            # A poison record must not stop the worker (now or on every restart): the
-            # user's total is the last good value before it.
-            log.error("skipping a bad changelog record %s[%d]@%d: %s",
-                      record.topic, record.partition, record.offset, reason)  # fmt: skip
-        self.bad_changelog_records += len(bad)
+        if bad:
+            self._dead_letter_changelog(bad, restored)
         for p, totals in restored.items():
             self._drop({p})
             self.totals.update(totals)
             self.users_of[p] = set(totals)
             self.owned.add(p)
             self.restored_users += len(totals)
-        log.info("restored %d users of partitions %s from the changelog in %.2fs",
-                 sum(map(len, restored.values())), sorted(restored),
-                 time.monotonic() - started)  # fmt: skip
+        log.info("restored %d users of partitions %s from the changelog (to offsets %s) in "
+                 "%.2fs", sum(map(len, restored.values())), sorted(restored),
+                 [end[tp] for tp in tps], time.monotonic() - started)  # fmt: skip
+
+    def _dead_letter_changelog(self, bad, restored: dict[int, dict[str, UserTotal]]) -> None:
+        """Poison changelog records to the changelog's DLQ, and each one's key written again
+        with its last good total (or a tombstone), in one transaction.
+
+        A poison record must not stop the worker, now or on every restart: the user's
+        total is the last good value before it, and the rewrite supersedes the poison, so
+        the next restore neither meets it nor dead-letters it again.
+        """
+        s = self.settings
+        batch = Batch({}, dead_letters=bad)
+        for record, reason in bad:
+            log.error("bad changelog record %s[%d]@%d to %s: %s", record.topic,
+                      record.partition, record.offset, s.dlq_topic(record.topic),
+                      reason)  # fmt: skip
+            if record.key is None:
+                continue  # nothing to supersede: no total depends on a record without key
+            user = record.key.decode(errors="replace")
+            good = restored.get(record.partition, {}).get(user)
+            value = encode_changelog({user: good}, self.rules.scale)[0][1] if good else None
+            batch.emit(record.topic, record.key, value, record.partition)
+        try:
+            self.transactor.commit(self.runtime.consumer, batch)
+        except KafkaError as error:
+            self.transactor.abort(error)
+            raise  # the restore is retried as a whole
+        self.bad_changelog_records += len(bad)
 
     def _stable_end(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         """The changelog's last stable offsets, once they reach the high watermarks: a
@@ -248,7 +273,16 @@ class TransactionAlertsWorker:
         deadline = time.monotonic() + 2.0
         while True:
             stable = self.restorer.end_offsets(tps)
-            if stable == self.watermarks.end_offsets(tps) or time.monotonic() >= deadline:
+            high = self.watermarks.end_offsets(tps)
+            if stable == high:
+                return stable
+            if time.monotonic() >= deadline:
+                open_ = {
+                    tp.partition: (stable[tp], high[tp]) for tp in tps if stable[tp] != high[tp]
+                }
+                log.warning("changelog partitions with a transaction still open after 2 s "
+                            "(last stable offset, high watermark): %s; restoring to the last "
+                            "stable offsets", open_)  # fmt: skip
                 return stable
             self.runtime.stop.wait(0.02)
 

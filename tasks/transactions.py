@@ -377,11 +377,12 @@ def fold_changelog(
 ) -> tuple[dict[int, dict[str, UserTotal]], Rejects]:
     """The latest total per user of each changelog partition, from its records in order.
 
-    A malformed record (a poison pill) is returned with its reason instead of stopping the
-    restore: the user keeps the last good total before it.
+    A malformed record (a poison pill) does not stop the restore: the user keeps the last
+    good total before it, and the record is returned with its reason, unless a later record
+    of the same key supersedes it (then it no longer matters to anyone's total).
     """
     state: dict[int, dict[str, UserTotal]] = {p: {} for p in partitions}
-    bad: Rejects = []
+    poison: dict[tuple[int, bytes | None], tuple[Any, str]] = {}
     for record in records:
         totals = state.setdefault(record.partition, {})
         try:
@@ -391,6 +392,8 @@ def fold_changelog(
                 totals.pop(user, None)  # a tombstone
             else:
                 totals[user] = parse_changelog_value(user, value, scale)
+            poison.pop((record.partition, record.key), None)
         except (AttributeError, ValueError, TypeError, KeyError, ArithmeticError) as error:
-            bad.append((record, f"bad changelog record: {type(error).__name__}: {error}"))
-    return state, bad
+            reason = f"bad changelog record: {type(error).__name__}: {error}"
+            poison[(record.partition, record.key)] = (record, reason)
+    return state, list(poison.values())

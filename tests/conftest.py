@@ -8,6 +8,7 @@ Each test isolates itself with its own topic names and its own DuckDB file.
 from __future__ import annotations
 
 import os
+import random
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,15 @@ def prefect_api() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture
+def seed() -> int:
+    """The seed of this test's random data: printed (pytest shows it when the test fails);
+    `SEED=<n>` replays a failed run with the same data."""
+    value = int(os.environ.get("SEED") or random.randrange(1_000_000))
+    print(f"random data from seed {value} (replay: SEED={value})")
+    return value
 
 
 @pytest.fixture

@@ -1,9 +1,12 @@
-"""Small helpers the tests share (polling with a deadline, reading Prefect artifacts)."""
+"""Small helpers the tests share (polling with a deadline, reading Kafka groups, stream
+worker status files and Prefect artifacts)."""
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -40,19 +43,70 @@ def group_report(settings: Any, group: str, topics: list[str]) -> str:
     try:
         lines = []
         try:
-            for description in admin.describe_consumer_groups([group]):
-                members = [getattr(m, "member_id", m) for m in description.members]
-                lines.append(f"group {group}: state {description.state}, members {members}")
+            description = admin.describe_groups([group])[group]
+            members = [_member_text(m) for m in description["members"]]
+            lines.append(f"group {group}: state {description['group_state']}, members {members}")
         except Exception as error:  # the report must not hide the failure it explains
             lines.append(f"group {group}: not described ({error!r})")
         tps = [tp for topic in topics for tp in partitions_of(consumer, topic)]
         ends = consumer.end_offsets(tps)
         lag = committed_lag(admin, consumer, {group: tps})
-        lines += [f"  {tp.topic}[{tp.partition}]: end {ends[tp]}, lag {lag[tp]}" for tp in tps]
+        lines += [f"  {tp.topic}[{tp.partition}]: committed {ends[tp] - lag[tp]}, end "
+                  f"{ends[tp]}, lag {lag[tp]}" for tp in tps]  # fmt: skip
         return "\n".join(lines)
     finally:
         consumer.close()
         admin.close()
+
+
+def _member_text(member: dict[str, Any]) -> str:
+    assignment = member.get("member_assignment")
+    tps = getattr(assignment, "assignment", None) or assignment
+    return f"{member.get('group_instance_id') or member.get('member_id')}: {tps}"
+
+
+def worker_statuses(status_dir: Path) -> list[dict[str, Any]]:
+    """Every stream worker's own status file in `status_dir` (see STREAM_STATUS_DIR)."""
+    statuses = []
+    for path in sorted(status_dir.glob("*.json")):
+        try:
+            statuses.append(json.loads(path.read_text()))
+        except FileNotFoundError:  # replaced between glob and read
+            continue
+    return statuses
+
+
+def group_ready(
+    settings: Any, group: str, topics: list[str], status_dir: Path, pids: Collection[int]
+) -> bool:
+    """True when the worker processes `pids` all say they are running (their assignment
+    applied and restored), they hold every partition of `topics` exactly once between them,
+    and the broker sees the group Stable with exactly that many members."""
+    from tasks.kafka import make_admin
+
+    mine = [s for s in worker_statuses(status_dir) if s["pid"] in pids]
+    if len(mine) != len(pids) or any(s["state"] != "running" for s in mine):
+        return False
+    admin = make_admin(settings)
+    try:
+        described = admin.describe_topics(topics)
+        want = sorted(f"{t['name']}[{p['partition_index']}]" for t in described
+                      for p in t["partitions"])  # fmt: skip
+        if sorted(p for s in mine for p in s["assigned"]) != want:
+            return False
+        description = admin.describe_groups([group])[group]
+        return description["group_state"] == "Stable" and len(description["members"]) == len(pids)
+    finally:
+        admin.close()
+
+
+def status_report(status_dir: Path) -> str:
+    """One line per worker status file: what each worker says it is doing."""
+    lines = [f"  {s['worker']}.{s['instance']} pid {s['pid']}: {s['state']}, assigned "
+             f"{s['assigned']}, {s['records']} records, {s['commits']} commits, "
+             f"{s['aborts']} aborts, lag {s['lag']}, at {s['updated_at']}"
+             for s in worker_statuses(status_dir)]  # fmt: skip
+    return "worker status files:\n" + ("\n".join(lines) or "  (none)")
 
 
 def artifacts(key: str) -> list[dict[str, Any]]:

@@ -76,12 +76,15 @@ def changelog_totals(settings) -> dict[str, tuple[Decimal, int]]:
     latest: dict[str, Any] = {}
     records = read_topic(settings, settings.transaction_totals_changelog_topic)
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
-        latest[r.key.decode()] = json.loads(r.value) if r.value is not None else None
-    return {u: (Decimal(v["total"]), v["transactions"]) for u, v in latest.items() if v}
+        latest[r.key.decode()] = r.value
+    values = {u: json.loads(v) for u, v in latest.items() if v is not None}
+    return {u: (Decimal(v["total"]), v["transactions"]) for u, v in values.items()}
 
 
-def dead_letters(settings) -> list[dict]:
-    return [json.loads(r.value) for r in read_topic(settings, settings.dlq_topic(settings.transactions_topic))]  # fmt: skip
+def dead_letters(settings, topic: str | None = None) -> list[dict]:
+    """The dead letters of `topic` (default: the transactions topic), in offset order."""
+    dlq = settings.dlq_topic(topic or settings.transactions_topic)
+    return [json.loads(r.value) for r in read_topic(settings, dlq)]
 
 
 @contextmanager

@@ -93,10 +93,10 @@ def test_a_killed_load_resumes_without_duplicates_or_gaps(settings, unique, wher
     assert _loaded(settings, topic) == list(range(N_EVENTS))
 
 
-def test_repeated_kills_at_random_moments_still_load_each_event_once(settings, unique):
+def test_repeated_kills_at_random_moments_still_load_each_event_once(settings, unique, seed):
     topic = f"load-random-{unique}"
     _produce(settings, topic, N_EVENTS)
-    rng = random.Random(unique)
+    rng = random.Random(seed)
     for _ in range(4):
         _run_loader(topic, kill_at=rng.randint(1, 8), where=rng.choice(["after", "during"]))
         loaded = _loaded(settings, topic)

@@ -4,8 +4,8 @@ import pytest
 
 from sources.transactions import generate
 from stream_workers.transaction_alerts import TransactionAlertsWorker
-from tasks.kafka import TopicSpec, ensure_topics
-from tests.helpers import eventually
+from tasks.kafka import TopicSpec, ensure_topics, make_producer
+from tests.helpers import eventually, read_topic
 from tests.integration._transactions import (
     MALFORMED,
     alerts_by_user,
@@ -49,6 +49,46 @@ def test_alerts_changelog_and_dead_letters_match_a_reference_across_a_restart(se
     assert alerts_by_user(settings) == want_alerts
     assert changelog_totals(settings) == want_totals
     assert len(dead_letters(settings)) == len(MALFORMED)
+
+
+def test_a_poison_record_in_the_changelog_is_dead_lettered_and_the_worker_serves(settings):
+    stream = list(generate(6, 900, seed=33))
+    first, second = stream[:400], stream[400:]
+    produce(settings, first)
+    with worker_thread(settings, instance="a") as worker:
+        eventually(lambda: worker.stats.records == len(first), 60)
+    changelog = settings.transaction_totals_changelog_topic
+    latest = {r.key: r.partition for r in read_topic(settings, changelog)}
+    victim = sorted(latest)[0]
+    # Planted behind the worker's back: garbage for a user with a total, and a record of a
+    # user it never saw (nothing good to fall back on).
+    producer = make_producer(settings, key_serializer=None, value_serializer=None)
+    producer.send(changelog, key=victim, value=b"not json", partition=latest[victim])
+    producer.send(changelog, key=b"Ghost", value=b'{"total": "1"}', partition=0)
+    producer.flush()
+    producer.close()
+
+    produce(settings, second)
+    with worker_thread(settings, instance="b") as worker:
+        eventually(lambda: worker.stats.records == len(second), 60)
+        assert worker.bad_changelog_records == 2
+    # The poisoned user goes on from its last good total: every output as if no poison.
+    want_alerts, want_totals = reference(stream)
+    assert alerts_by_user(settings) == want_alerts
+    assert changelog_totals(settings) == want_totals
+    letters = dead_letters(settings, changelog)
+    assert sorted((d["key"], d["value"]) for d in letters) == sorted(
+        [("Ghost", '{"total": "1"}'), (victim.decode(), "not json")]
+    )
+    assert all(d["topic"] == changelog for d in letters), letters
+    assert all(d["reason"].startswith("bad changelog record: ") for d in letters), letters
+
+    # The poison was superseded: the next restore neither meets it nor dead-letters it again.
+    with worker_thread(settings, instance="c") as worker:
+        eventually(lambda: worker.owned == {0, 1, 2}, 60)
+        assert worker.bad_changelog_records == 0
+        assert worker.restored_users == len(want_totals)
+    assert len(dead_letters(settings, changelog)) == 2
 
 
 def test_at_least_once_mode_gives_the_same_output_when_nothing_fails(settings):

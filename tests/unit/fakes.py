@@ -336,6 +336,7 @@ class FakeConsumer(_Recorder):
         self.seeks: list[tuple[TopicPartition, int]] = []
         self.commits: list[dict[TopicPartition, OffsetAndMetadata]] = []
         self.generation = 1
+        self.config: dict[str, Any] = {"group_id": "test-group"}
         self.closed = False
         self._fetcher = None  # kafka-python's Fetcher lives here; tests may set a real one
         if assignment:

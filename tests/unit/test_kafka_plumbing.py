@@ -39,5 +39,5 @@ def test_every_source_topic_has_a_dlq_and_compaction_where_declared():
     topics = {t.name: t for t in project_topics(s)}
     assert topics["price-alerts"].compacted
     assert not topics["trades"].compacted
-    for source in ("trades", "price-alerts", "transactions"):
+    for source in ("trades", "price-alerts", "transactions", "transaction-totals-changelog"):
         assert f"{source}.dlq" in topics

@@ -9,6 +9,7 @@ run each worker's own hooks on the same fakes.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -183,6 +184,25 @@ def test_a_batch_commits_outputs_dead_letters_and_offsets_in_one_transaction():
     assert [b.state for b in processor.committed] == [{tp(0): [10, 11, 12], tp(1): [5, 6]}]
     assert processor.aborted == []
     assert consumer.seeks == []
+
+
+@pytest.mark.parametrize("exactly_once", [True, False])
+def test_a_batch_that_consumes_nothing_commits_its_outputs_and_no_offsets(exactly_once):
+    consumer = FakeConsumer(assignment={tp(0)})
+    factory = ProducerFactory(transactional=exactly_once)
+    transactor = Transactor(factory, SETTINGS, exactly_once=exactly_once)
+    batch = Batch({}, dead_letters=[(log_of(0, 3, b"x")[0], "bad changelog record: x")])
+    batch.emit("changelog", b"k", b"repaired", 0)
+
+    transactor.commit(consumer, batch)
+
+    [producer] = factory.made
+    assert "send_offsets_to_transaction" not in producer.names()
+    assert next((s.topic, s.value) for s in producer.visible) == ("changelog", b"repaired")
+    assert [s.value["reason"] for s in producer.visible if s.topic == "t.dlq"] == [
+        "bad changelog record: x"
+    ]
+    assert consumer.commits == []
 
 
 @pytest.mark.parametrize(
@@ -706,9 +726,12 @@ def test_stop_signal_wait_returns_whether_stopped():
     assert stop.wait(0) is False
     assert StopSignal().also(lambda: True).wait(0) is True
     stop.set()
-    started = time.monotonic()
-    assert stop.wait(30) is True
-    assert time.monotonic() - started < 5  # set: no waiting
+    waited: list[bool] = []
+    # Set: no waiting (an hour-long wait that returns before the deadline did not wait).
+    waiter = threading.Thread(target=lambda: waited.append(stop.wait(3600)), daemon=True)
+    waiter.start()
+    waiter.join(60)
+    assert waited == [True]
 
 
 def test_run_finishes_the_batch_in_hand_once_stopped():
@@ -739,6 +762,47 @@ def test_run_reports_lag_per_assigned_partition():
     runtime.run(StopSignal().also(lambda: consumer.count("poll") >= 1))
 
     assert runtime.stats.lag == {tp(0): 8}
+
+
+def test_the_status_file_says_running_only_once_an_assignment_is_applied(tmp_path):
+    consumer = FakeConsumer(log_of(0, 0, b"a", b"b", b"bad"), topics={TOPIC: 3})
+    processor = Processor(Transactor(ProducerFactory(transactional=True), SETTINGS))
+    runtime = runtime_for(processor, consumer, instance="7", status_dir=tmp_path / "status")
+    path = tmp_path / "status" / "test-worker.7.json"
+    seen_while_assigning = []
+    processor.on_assigned = lambda tps: seen_while_assigning.append(json.loads(path.read_text()))
+    consumer.then(lambda c: c.rebalance(assigned={tp(0), tp(1)}) or {})
+    seen_after_poll = []
+
+    runtime.run(
+        StopSignal().also(lambda: consumer.count("poll") >= 2),
+        after_poll=lambda: seen_after_poll.append(json.loads(path.read_text())),
+    )
+
+    # While the worker restores its partitions it is not running yet.
+    assert [(s["state"], s["assigned"]) for s in seen_while_assigning] == [("joining", [])]
+    first = seen_after_poll[0]
+    assert (first["state"], first["assigned"]) == ("running", [f"{TOPIC}[0]", f"{TOPIC}[1]"])
+    assert (first["worker"], first["instance"], first["group"]) == (
+        "test-worker",
+        "7",
+        "test-group",
+    )
+    final = json.loads(path.read_text())
+    assert final["state"] == "stopped" and final["pid"] == os.getpid()
+    assert (final["records"], final["outputs"], final["dead_letters"]) == (3, 2, 1)
+    assert list(path.parent.iterdir()) == [path]  # no partial file left behind
+
+
+def test_a_status_file_that_cannot_be_written_does_not_stop_the_worker(tmp_path):
+    (tmp_path / "file").write_text("")
+    consumer = FakeConsumer(log_of(0, 0, b"a"), assignment={tp(0)})
+    processor = Processor(Transactor(ProducerFactory(transactional=True), SETTINGS))
+    runtime = runtime_for(processor, consumer, status_dir=tmp_path / "file" / "status")
+
+    runtime.run(StopSignal().also(lambda: consumer.count("poll") >= 1))
+
+    assert runtime.stats.commits == 1
 
 
 def test_close_runs_every_closer_even_when_one_fails_then_closes_the_consumer():
