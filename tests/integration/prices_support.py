@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import Any
 
 from kafka import TopicPartition
@@ -18,7 +18,7 @@ from tasks.kafka import (
     make_producer,
     project_topics,
 )
-from tasks.prices import exact_average, to_us
+from tasks.prices import to_us
 from tasks.settings import Settings
 from tests.helpers import read_topic
 
@@ -103,6 +103,42 @@ class WorkerThread:
         assert self.result == [0]
 
 
+def window_prices(
+    trades: list[dict[str, Any]], product: str, end: datetime, minutes: int = 10
+) -> list[Decimal]:
+    """The prices of `product`'s trades in [end - minutes, end], both ends included."""
+    start = end - timedelta(minutes=minutes)
+    return [Decimal(t["price"]) for t in trades
+            if t["product_id"] == product and start <= datetime.fromisoformat(t["time"]) <= end]  # fmt: skip
+
+
+def reference_average(prices: list[Decimal]) -> Decimal | None:
+    """The reported average, from its definition: sum / count rounded half-to-even to 8
+    places (plain Decimal arithmetic, not the code under test)."""
+    if not prices:
+        return None
+    with localcontext() as ctx:
+        ctx.prec = 100
+        mean = sum(prices, Decimal(0)) / len(prices)
+        return mean.quantize(Decimal("0.00000001"), rounding=ROUND_HALF_EVEN)
+
+
+def reference_figures(prices: list[Decimal]) -> tuple[int, int | None, int | None]:
+    """(count, rounded average in 10^-8 units, floor(sum / count) in 10^-8 units)."""
+    if not prices:
+        return 0, None, None
+    sum_units = int(sum(prices, Decimal(0)).scaleb(8))  # exact: prices have <= 8 places
+    average = reference_average(prices)
+    assert average is not None
+    return len(prices), int(average.scaleb(8)), sum_units // len(prices)
+
+
+def reaches(prices: list[Decimal], threshold: Decimal) -> bool:
+    """The firing rule from its definition: the EXACT average sum / count >= threshold
+    (never the rounded one)."""
+    return bool(prices) and sum(prices, Decimal(0)) >= threshold * len(prices)
+
+
 def expected_firings(
     trades: list[dict[str, Any]], alerts: dict[str, tuple[str, Decimal]], minutes: int = 10
 ) -> dict[str, tuple[str, str]]:
@@ -116,8 +152,7 @@ def expected_firings(
         inside = [
             p for when, p in seen[t["product_id"]] if at - timedelta(minutes=minutes) <= when <= at
         ]
-        average = exact_average(inside)
         for alert_id, (product, threshold) in alerts.items():
-            if alert_id not in fired and product == t["product_id"] and average >= threshold:
-                fired[alert_id] = (format(average, "f"), at.isoformat())
+            if alert_id not in fired and product == t["product_id"] and reaches(inside, threshold):
+                fired[alert_id] = (format(reference_average(inside), "f"), at.isoformat())
     return fired

@@ -909,7 +909,7 @@ def test_read_to_end_raises_naming_what_made_no_progress():
     started = time.monotonic()
     with pytest.raises(ReadTimeoutError) as raised:
         list(read_to_end(consumer, [tp(0), tp(1)], timeout_s=0.3))
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started >= 0.3  # not before the timeout
     assert isinstance(raised.value, KafkaError)  # what retries Kafka errors retries this
     message = str(raised.value)
     assert "reading t partitions [0, 1]" in message

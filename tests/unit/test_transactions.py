@@ -25,7 +25,7 @@ from tasks.transactions import (
     to_minor,
     validate,
 )
-from tasks.wire import InvalidRecord, key_partition
+from tasks.wire import InvalidRecord
 
 RULES = Rules.of(Decimal("2000"), Decimal("-2000"), Decimal("1000000"), scale=2)
 T0 = "2024-05-01T12:00:00+00:00"
@@ -188,20 +188,34 @@ def _record(offset: int, key: bytes | None, value: bytes | None, partition: int)
     return ConsumerRecord("transactions", partition, 0, offset, 0, 0, key, value, [], None, 0, 0, 0)
 
 
+# The partition Kafka's Java client gives each key on a 3-partition topic with its default
+# partitioner (kafka-clients 4.1.1, the broker's own jars in .cache/kafka/libs:
+# BuiltInPartitioner.partitionForKey; and the same read back from the RecordMetadata of a
+# Java KafkaProducer sending these keys, no explicit partition, to the local broker). An
+# independent source: the code under test hashes with kafka-python's murmur2.
+JAVA_PARTITION_OF_3 = {b"Fido": 1, b"Rex": 0, b"user-1": 2}
+
+
 def test_parse_records_keeps_order_and_rejects_users_off_their_partition():
-    home = key_partition(b"Fido", 3)
+    home = JAVA_PARTITION_OF_3
     records = [
-        _record(0, b"Fido", _value(amount="1"), home),
-        _record(1, b"Fido", b"oops", home),
-        _record(2, b"Fido", _value(amount="2"), (home + 1) % 3),
-        _record(3, b"Fido", _value(amount="3"), home),
+        _record(0, b"Fido", _value(amount="1"), home[b"Fido"]),
+        _record(1, b"Fido", b"oops", home[b"Fido"]),
+        _record(2, b"Fido", _value(amount="2"), (home[b"Fido"] + 1) % 3),
+        _record(3, b"Fido", _value(amount="3"), home[b"Fido"]),
+        _record(4, b"Rex", _value(user="Rex", amount="4"), home[b"Rex"]),
+        _record(5, b"Rex", _value(user="Rex", amount="5"), (home[b"Rex"] + 1) % 3),
+        _record(6, b"user-1", _value(user="user-1", amount="6"), home[b"user-1"]),
+        _record(7, b"user-1", _value(user="user-1", amount="7"), (home[b"user-1"] + 1) % 3),
     ]
     frame, rejects = parse_records(records, RULES, partitions=3)
-    assert frame["offset"].to_list() == [0, 3]
-    assert frame["amount"].to_list() == [100, 300]
+    assert frame["offset"].to_list() == [0, 3, 4, 6]
+    assert frame["amount"].to_list() == [100, 300, 400, 600]
     assert [(r.offset, reason.split(":")[0]) for r, reason in rejects] == [
         (1, "not valid JSON"),
-        (2, f"on partition {(home + 1) % 3} but its key hashes to {home}"),
+        (2, "on partition 2 but its key hashes to 1"),
+        (5, "on partition 1 but its key hashes to 0"),
+        (7, "on partition 0 but its key hashes to 2"),
     ]
 
 
