@@ -127,6 +127,7 @@ class Lane:
         self.runtime = Runtime(
             self, consumer, [self.topic], max_records=s.jobs_processor_max_batch,
             poll_timeout_ms=100 if realtime else 50, closers=[self.transactor.close],
+            instance=instance, status_dir=s.stream_status_dir,
         )  # fmt: skip
         self.stats = self.runtime.stats
         self.slice_s = s.jobs_normal_slice_ms / 1000

@@ -65,6 +65,22 @@ def _member_text(member: dict[str, Any]) -> str:
     return f"{member.get('group_instance_id') or member.get('member_id')}: {tps}"
 
 
+def settled(settings: Any, topics: list[str]) -> bool:
+    """No transaction is open on `topics`: on every partition the last stable offset (where
+    read_committed readers stop) is the end. Commit markers land just after a commit
+    returns, so a read_committed read is complete only once this holds."""
+    from tasks.kafka import make_consumer, partitions_of
+
+    stable = make_consumer(settings=settings, group_id=None)
+    written = make_consumer(settings=settings, group_id=None, isolation_level="read_uncommitted")
+    try:
+        tps = [tp for topic in topics for tp in partitions_of(stable, topic)]
+        return stable.end_offsets(tps) == written.end_offsets(tps)
+    finally:
+        stable.close()
+        written.close()
+
+
 def worker_statuses(status_dir: Path) -> list[dict[str, Any]]:
     """Every stream worker's own status file in `status_dir` (see STREAM_STATUS_DIR)."""
     statuses = []

@@ -14,10 +14,15 @@ from pathlib import Path
 import pytest
 
 from sources.price_alerts import create_alert, delete_alert
-from tasks.kafka import make_consumer, make_producer
-from tasks.prices import fire_transactional_id
+from tasks.kafka import (
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    project_topics,
+)
+from tasks.prices import fire_transactional_id, to_us
 from tests.conftest import subprocess_env
-from tests.helpers import eventually, group_report
+from tests.helpers import eventually, group_report, settled
 from tests.integration.prices_support import (
     WorkerThread,
     committed_total,
@@ -187,6 +192,113 @@ def test_sigkill_and_restart_neither_lose_nor_repeat_notifications(settings, uni
         int(m) for log in logs for m in re.findall(r"(\d+) trades replayed", log.read_text())
     ]
     assert max(replayed) > 0, replayed
+
+    got = notifications(settings)
+    ids = [n["alert_id"] for n in got]
+    assert len(ids) == len(set(ids)), "a notification was repeated"
+    assert {n["alert_id"]: (n["average_price"], n["window_end"]) for n in got} == expected
+
+
+def test_sigterm_mid_stream_commits_what_it_fired_and_a_restart_repeats_nothing(
+    settings, unique, tmp_path, seed
+):
+    """SIGTERM twice while trades that fire alerts flow: each time the worker finishes its
+    batch, commits and exits 0; restarted, every alert is notified exactly once, with the
+    average a brute-force reference gives at its first crossing."""
+    group = f"pa-term-{unique}"
+    rng = random.Random(seed)
+    products = ["BTC-USD", "ETH-USD", "SOL-USD"]
+    trades = []
+    cents = dict.fromkeys(products, 10_000)
+    for i in range(1500):
+        product = products[i % 3]
+        cents[product] += rng.randint(-40, 60)  # drifts up: thresholds get crossed over time
+        at = T0 + timedelta(milliseconds=900 * i)
+        trades.append(trade(i, product, str(Decimal(cents[product]).scaleb(-2)), at))
+    alerts = {}
+    for i in range(90):
+        product = products[i % 3]
+        threshold = Decimal(rng.randint(9_900, 18_000)).scaleb(-2)
+        alerts[f"alert-{i}"] = (product, threshold)
+        create_alert(f"user-{i % 7}", product, str(threshold), alert_id=f"alert-{i}")
+    expected = expected_firings(trades, alerts)
+    assert 20 < len(expected) < len(alerts), "the data must both fire and not fire alerts"
+
+    # Signals once the worker has committed 100 trades (two batches of every partition) past
+    # a random firing trade of the first third of the firings, then of the second third: it
+    # has fired before each signal, and fires after.
+    index = {t["time"]: i for i, t in enumerate(trades)}
+    firing = sorted({index[window_end] for _, window_end in expected.values()})
+    third = len(firing) // 3
+    points = [rng.choice(firing[:third]) + 100, rng.choice(firing[third : 2 * third]) + 100]
+    print(f"SIGTERM after {points} of {len(trades)} trades committed")
+    # The stream runs at most 300 trades past a point before that point's signal has gone
+    # out: trades keep coming after each signal, however fast or slow the worker is.
+    gates = [min(point + 300, len(trades) - 50) for point in points]
+    signalled = [threading.Event() for _ in points]
+    done = threading.Event()
+
+    def feed() -> None:  # chunks of trades at a steady pace, each stamped with its event time
+        producer = make_producer(settings)
+        try:
+            for k in range(0, len(trades), 50):
+                for gate, sent in zip(gates, signalled, strict=True):
+                    if k >= gate:
+                        sent.wait()
+                if done.is_set():
+                    return
+                for t in trades[k : k + 50]:
+                    stamp = to_us(datetime.fromisoformat(t["time"])) // 1000
+                    producer.send(settings.trades_topic, key=t["product_id"], value=t,
+                                  timestamp_ms=stamp)  # fmt: skip
+                producer.flush()
+                if done.wait(0.1):
+                    return
+        finally:
+            producer.close()
+
+    logs = [tmp_path / f"worker-{n}.log" for n in range(3)]
+    outputs = [settings.notifications_topic, settings.price_alerts_topic]
+
+    def diagnose() -> str:
+        return (group_report(settings, group, [settings.trades_topic]) + "\n"
+                + "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}"
+                            for log in logs if log.exists()))  # fmt: skip
+
+    feeder = threading.Thread(target=feed)
+    worker = _start_worker(group, logs[0])
+    trades_topic = [t for t in project_topics(settings) if t.name == settings.trades_topic]
+    ensure_topics(trades_topic, settings)  # before the feeder's first send
+    feeder.start()
+    stops: list[tuple[int, int]] = []  # (trades committed, notifications) at each stop
+    try:
+        for n, point in enumerate(points, start=1):
+            # Past the point, and past what the previous worker committed: this worker has
+            # committed work of its own (so it is running, its signal handler installed).
+            floor = max(point, stops[-1][0] + 1 if stops else 0)
+            eventually(lambda f=floor: committed_total(settings, group) >= f, 90, 0.02, diagnose)
+            worker.send_signal(signal.SIGTERM)
+            signalled[n - 1].set()
+            assert worker.wait(timeout=60) == 0, diagnose()
+            assert "price-alerts stopped:" in logs[n - 1].read_text(), diagnose()
+            eventually(lambda: settled(settings, outputs), 60, 0.1, diagnose)
+            stops.append((committed_total(settings, group), len(notifications(settings))))
+            assert stops[-1][0] < len(trades), ("the signal came mid-stream", stops)
+            worker = _start_worker(group, logs[n])
+        feeder.join(timeout=120)
+        eventually(lambda: committed_total(settings, group) >= len(trades), 90, 0.25, diagnose)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, diagnose()
+        assert "price-alerts stopped:" in logs[-1].read_text(), diagnose()
+    finally:
+        done.set()
+        for sent in signalled:  # a failed wait must not leave the feeder blocked
+            sent.set()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    print(f"stopped at (trades committed, notifications): {stops}")
+    assert 0 < stops[0][1] < len(expected), ("stopped amid firings", stops)
 
     got = notifications(settings)
     ids = [n["alert_id"] for n in got]
