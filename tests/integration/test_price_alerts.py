@@ -150,6 +150,7 @@ def test_sigkill_and_restart_neither_lose_nor_repeat_notifications(settings, uni
     expected = expected_firings(trades, alerts)
     assert 20 < len(expected) < len(alerts), "the data must both fire and not fire alerts"
 
+    # Trades arrive over time (paced, not waiting for anything), so kills land mid-stream.
     feeder = threading.Thread(
         target=lambda: [
             (produce(settings, settings.trades_topic,
@@ -168,7 +169,7 @@ def test_sigkill_and_restart_neither_lose_nor_repeat_notifications(settings, uni
             before = committed_total(settings, group)
             eventually(lambda before=before: committed_total(settings, group) > before, 60, 0.02,
                        lambda n=n: logs[n - 1].read_text()[-3000:])  # fmt: skip
-            time.sleep(rng.uniform(0, 0.2))
+            time.sleep(rng.uniform(0, 0.2))  # not a wait for anything: the moment of the kill
             worker.send_signal(signal.SIGKILL)
             assert worker.wait(timeout=30) == -signal.SIGKILL
             killed_at.append(committed_total(settings, group))
