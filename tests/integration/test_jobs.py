@@ -105,6 +105,14 @@ def committed_results(settings) -> list[tuple[str, JobResult]]:
     return [(r.key.decode(), parse_result(r.value)) for r in records]
 
 
+def one_ok_result_each(settings, ids: set[str], daemon: Daemon) -> list[tuple[str, JobResult]]:
+    """The committed results, asserted to be exactly one PROCESSED_OK per id in `ids`."""
+    on_topic = committed_results(settings)
+    assert Counter(key for key, _ in on_topic) == Counter(ids), "one result per job"
+    assert {r.status for _, r in on_topic} == {JobStatus.PROCESSED_OK}, daemon.tails()
+    return on_topic
+
+
 def send_jobs(settings, priority: Priority, jobs: list[Job]) -> datetime:
     """Produce `jobs` to `jobs.payments.<priority>` as one burst (no submitter batching);
     returns when the broker had acknowledged all of them."""
@@ -474,9 +482,7 @@ def test_realtime_jobs_arriving_mid_slice_go_before_the_rest_of_the_normal_backl
         results.close()
     assert daemon.stop() == 0, daemon.tails()
 
-    on_topic = committed_results(jobs_settings)
-    assert Counter(key for key, _ in on_topic) == Counter(every), "one result per job"
-    assert {r.status for _, r in on_topic} == {JobStatus.PROCESSED_OK}, daemon.tails()
+    on_topic = one_ok_result_each(jobs_settings, every, daemon)
     at = {key: r.processed_at for key, r in on_topic}
     normal_at = sorted({at[str(job.id)] for job in backlog})  # one per slice
     for n, (burst, sent) in enumerate(zip(bursts, sent_at, strict=True)):
@@ -652,9 +658,7 @@ def test_sigterm_mid_backlog_finishes_the_slice_and_a_restart_loses_and_repeats_
     finally:
         results.close()
     assert daemon.stop() == 0, daemon.tails()
-    on_topic = committed_results(jobs_settings)
-    assert Counter(key for key, _ in on_topic) == Counter(every), "one result per job"
-    assert {r.status for _, r in on_topic} == {JobStatus.PROCESSED_OK}, daemon.tails()
+    one_ok_result_each(jobs_settings, every, daemon)
     calls = Counter(charge["calls"] for charge in upstream.lookup_many(sorted(every)).values())
     assert calls == {1: len(every)}, "one upstream call per job"
     upstream.close()

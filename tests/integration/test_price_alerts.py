@@ -119,6 +119,29 @@ def test_bad_alerts_are_dead_lettered_once_even_across_a_rebuild(settings, uniqu
     assert all(v["topic"] == settings.price_alerts_topic for _k, v in dead)
 
 
+def drifting_trades_and_alerts(rng: random.Random, n_trades: int, top_cents: int):
+    """Trades of three products, 0.9 s apart (the window slides), whose prices drift up so
+    thresholds get crossed over time; 90 alerts up to `top_cents` (created); returns the
+    trades and the firings the reference expects (some alerts fire, some never do)."""
+    products = ["BTC-USD", "ETH-USD", "SOL-USD"]
+    trades = []
+    cents = dict.fromkeys(products, 10_000)
+    for i in range(n_trades):
+        product = products[i % 3]
+        cents[product] += rng.randint(-40, 60)
+        at = T0 + timedelta(milliseconds=900 * i)
+        trades.append(trade(i, product, str(Decimal(cents[product]).scaleb(-2)), at))
+    alerts = {}
+    for i in range(90):
+        product = products[i % 3]
+        threshold = Decimal(rng.randint(9_900, top_cents)).scaleb(-2)
+        alerts[f"alert-{i}"] = (product, threshold)
+        create_alert(f"user-{i % 7}", product, str(threshold), alert_id=f"alert-{i}")
+    expected = expected_firings(trades, alerts)
+    assert 20 < len(expected) < len(alerts), "the data must both fire and not fire alerts"
+    return trades, expected
+
+
 def _start_worker(group: str, log: Path) -> subprocess.Popen:
     with log.open("w") as out:
         return subprocess.Popen(
@@ -128,27 +151,14 @@ def _start_worker(group: str, log: Path) -> subprocess.Popen:
         )  # fmt: skip
 
 
-def test_sigkill_and_restart_neither_lose_nor_repeat_notifications(settings, unique, tmp_path):
+def test_sigkill_and_restart_neither_lose_nor_repeat_notifications(
+    settings, unique, seed, tmp_path
+):
     """Kill the worker at random moments while trades flow; restart; every alert fires exactly
     once, with the average a brute-force reference gives at its first crossing."""
     group = f"pa-kill-{unique}"
-    rng = random.Random(unique)
-    products = ["BTC-USD", "ETH-USD", "SOL-USD"]
-    trades = []
-    cents = dict.fromkeys(products, 10_000)
-    for i in range(1800):
-        product = products[i % 3]
-        cents[product] += rng.randint(-40, 60)  # drifts up: thresholds get crossed over time
-        at = T0 + timedelta(milliseconds=900 * i)  # ~27 minutes: the window slides
-        trades.append(trade(i, product, str(Decimal(cents[product]).scaleb(-2)), at))
-    alerts = {}
-    for i in range(90):
-        product = products[i % 3]
-        threshold = Decimal(rng.randint(9_900, 20_000)).scaleb(-2)
-        alerts[f"alert-{i}"] = (product, threshold)
-        create_alert(f"user-{i % 7}", product, str(threshold), alert_id=f"alert-{i}")
-    expected = expected_firings(trades, alerts)
-    assert 20 < len(expected) < len(alerts), "the data must both fire and not fire alerts"
+    rng = random.Random(seed)
+    trades, expected = drifting_trades_and_alerts(rng, 1800, 20_000)
 
     # Trades arrive over time (paced, not waiting for anything), so kills land mid-stream.
     feeder = threading.Thread(
@@ -208,22 +218,7 @@ def test_sigterm_mid_stream_commits_what_it_fired_and_a_restart_repeats_nothing(
     average a brute-force reference gives at its first crossing."""
     group = f"pa-term-{unique}"
     rng = random.Random(seed)
-    products = ["BTC-USD", "ETH-USD", "SOL-USD"]
-    trades = []
-    cents = dict.fromkeys(products, 10_000)
-    for i in range(1500):
-        product = products[i % 3]
-        cents[product] += rng.randint(-40, 60)  # drifts up: thresholds get crossed over time
-        at = T0 + timedelta(milliseconds=900 * i)
-        trades.append(trade(i, product, str(Decimal(cents[product]).scaleb(-2)), at))
-    alerts = {}
-    for i in range(90):
-        product = products[i % 3]
-        threshold = Decimal(rng.randint(9_900, 18_000)).scaleb(-2)
-        alerts[f"alert-{i}"] = (product, threshold)
-        create_alert(f"user-{i % 7}", product, str(threshold), alert_id=f"alert-{i}")
-    expected = expected_firings(trades, alerts)
-    assert 20 < len(expected) < len(alerts), "the data must both fire and not fire alerts"
+    trades, expected = drifting_trades_and_alerts(rng, 1500, 18_000)
 
     # Signals once the worker has committed 100 trades (two batches of every partition) past
     # a random firing trade of the first third of the firings, then of the second third: it
