@@ -2,7 +2,7 @@
 
 On the ~45.5 MB Shakespeare corpus (built with `python -m sources shakespeare` if missing), in
 one run, each case in its own fresh process (so its peak memory is its own):
-  1. baseline, the seed's method: read, split into a Python list, loop counting ONE word;
+  1. baseline, the classic method: read, split into a Python list, loop counting ONE word;
   2. `collections.Counter(text.lower().split())` (all words, but no punctuation stripping);
   3. the pure-Python reference tokenizer (`tasks.words.tokenize`) + Counter;
   4. our shard counting alone (`tasks.words.count_shard` on threads), shards 1 and 2;
@@ -54,7 +54,7 @@ def case_baseline(corpus: Path, _shards: int) -> dict:
     with open(corpus, encoding="utf-8", errors="replace") as handle:
         words = handle.read().split()
     count = 0
-    for word in words:  # the seed's count_words(), verbatim in spirit
+    for word in words:  # the classic count_words(): one word, a Python loop
         if word == SEED_WORD:
             count += 1
     return {SEED_WORD: count}
