@@ -110,6 +110,10 @@ def compare(con, changelog: pl.DataFrame, topic: str) -> tuple[list[dict[str, An
     return mismatches, compared
 
 
+class TotalsMismatchError(RuntimeError):
+    """The stream's and the batch's per-user totals differ (the run ends Failed)."""
+
+
 @flow(name="transaction_totals")
 def transaction_totals(show: int = 100) -> dict[str, int]:
     """Check the stream's per-user totals against the warehouse; `show` caps the rows listed."""
@@ -134,8 +138,6 @@ def transaction_totals(show: int = 100) -> dict[str, int]:
         "mismatches": len(mismatches),
     }
     logger.info("transaction totals: %s", summary)
-    if mismatches:
-        logger.error("%d users' totals differ between stream and batch", len(mismatches))
     create_table_artifact(
         key=ARTIFACT_KEY,
         table=[
@@ -148,4 +150,10 @@ def transaction_totals(show: int = 100) -> dict[str, int]:
             + f"; {loaded.rows} transactions loaded now, {loaded.rejected} rejected."
         ),
     )
+    if mismatches:
+        # A failed run, not a completed one: the UI and automations see it.
+        raise TotalsMismatchError(
+            f"{len(mismatches)} of {compared} users' totals differ between the stream "
+            f"(changelog) and the batch (DuckDB); see the artifact {ARTIFACT_KEY!r}"
+        )
     return summary
