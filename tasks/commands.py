@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import logging
 import pkgutil
 import sys
 import typing
+from pathlib import Path
 from types import ModuleType
 
 from pydantic import SecretStr, ValidationError
@@ -19,13 +21,34 @@ from tasks.settings import Settings
 UNAVAILABLE, BAD_SETTINGS = 1, 2
 
 
-def available(package: ModuleType) -> list[str]:
-    """The package's command names: its public modules, dashes for underscores."""
-    return sorted(
-        m.name.replace("_", "-")
-        for m in pkgutil.iter_modules(package.__path__)
-        if not m.name.startswith("_")
-    )
+def available(package: ModuleType) -> dict[str, str]:
+    """The package's commands (its public modules with a `main`, dashes for underscores),
+    each with the first sentence of its docstring. Read from the source, not imported: a
+    usage line must not pay for every command's imports."""
+    commands = {}
+    for m in pkgutil.iter_modules(package.__path__):
+        path = Path(package.__path__[0]) / f"{m.name}.py"
+        if m.name.startswith("_") or not path.exists():
+            continue
+        tree = ast.parse(path.read_text())
+        if not any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
+            continue  # a library module of the package (e.g. the stream runtime)
+        doc = " ".join((ast.get_docstring(tree) or "").split("\n\n")[0].split())
+        doc = doc.split("`: ", 1)[-1]  # drop the "`python -m ... <name>`: " prefix
+        commands[m.name.replace("_", "-")] = doc
+    return dict(sorted(commands.items()))
+
+
+def usage(package: ModuleType, what: str) -> str:
+    """The package's usage: the command line and each command with its description."""
+    prog = f"python -m {package.__name__}"
+    commands = available(package)
+    width = max(map(len, commands), default=0)
+    lines = [f"usage: {prog} <{what}> [options]",
+             f"       {prog} <{what}> --help   (the options of one)",
+             "", f"{what}s:"]  # fmt: skip
+    lines += [f"  {name.ljust(width)}  {doc}" for name, doc in commands.items()]
+    return "\n".join(lines)
 
 
 def settings_error(error: ValidationError) -> str:
@@ -54,14 +77,12 @@ def dispatch(package: ModuleType, argv: list[str], what: str) -> int:
     Bad settings and an unreachable or refusing Kafka cluster end the command with one
     error line (no traceback) and a non-zero status.
     """
-    names = available(package)
-    if not argv or argv[0] not in names:
-        prog = package.__name__
-        print(
-            f"usage: python -m {prog} <{what}> [options]\n{what}s: {', '.join(names) or '(none yet)'}",
-            file=sys.stderr,
-        )
-        return 0 if argv and argv[0] in {"-h", "--help"} else 2
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(usage(package, what), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in available(package):
+        print(f"unknown {what} {argv[0]!r}\n{usage(package, what)}", file=sys.stderr)
+        return 2
     module = importlib.import_module(f"{package.__name__}.{argv[0].replace('-', '_')}")
     log = logging.getLogger(argv[0])
     try:
