@@ -115,6 +115,15 @@ def runtime_for(processor, consumer, **options) -> Runtime:
     return Runtime(processor, consumer, [TOPIC], **options)
 
 
+def subscribed_runtime() -> tuple[FakeConsumer, Processor, Runtime]:
+    """A subscribed runtime over an empty consumer, for rebalance tests."""
+    consumer = FakeConsumer()
+    processor = Processor(Transactor(ProducerFactory(transactional=True), SETTINGS))
+    runtime = runtime_for(processor, consumer)
+    runtime.subscribe()
+    return consumer, processor, runtime
+
+
 def outputs(producer: FakeProducer, topic: str = "out") -> list:
     return [s.value for s in producer.visible if s.topic == topic]
 
@@ -394,10 +403,7 @@ def test_a_rebalance_is_applied_as_one_net_change_and_the_poll_is_read_again():
 
 
 def test_a_partition_assigned_and_taken_back_within_one_poll_gets_no_hooks():
-    consumer = FakeConsumer()
-    processor = Processor(Transactor(ProducerFactory(transactional=True), SETTINGS))
-    runtime = runtime_for(processor, consumer)
-    runtime.subscribe()
+    consumer, processor, runtime = subscribed_runtime()
 
     def two_rebalances(c: FakeConsumer):
         c.rebalance(revoked={tp(0), tp(1)}, assigned={tp(0), tp(1), tp(2)})
@@ -1482,10 +1488,7 @@ def test_jobs_realtime_lane_counts_an_unknown_position_as_pending(monkeypatch):
 
 
 def test_a_partition_handed_away_and_back_within_one_poll_is_revoked_and_assigned_afresh():
-    consumer = FakeConsumer()
-    processor = Processor(Transactor(ProducerFactory(transactional=True), SETTINGS))
-    runtime = runtime_for(processor, consumer)
-    runtime.subscribe()
+    consumer, processor, runtime = subscribed_runtime()
 
     def two_rebalances(c: FakeConsumer):
         c.rebalance(revoked={tp(0), tp(1)}, assigned={tp(0)})  # partition 1 to another member
