@@ -19,7 +19,7 @@ Against the real broker, on its own topics (deleted afterwards) and a temporary 
      notification polled here (read_committed); percentiles over the probes whose notification
      arrived, the others counted as lost and reported (exit 1 if any is lost or notified twice).
   3. the flow's exact window average (sql/prices/window_average.sql) over --rows trades in
-     DuckDB, against the same AVG in SQLite (what the original Celery job used), same rows;
+     DuckDB, against a plain float AVG in SQLite (a row store's answer), same rows;
      clock: the query alone, best of 3, rows loaded and indexed. The DuckDB result must equal
      the exact average computed here from the generating formula (exit 1 otherwise).
 """

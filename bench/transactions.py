@@ -3,7 +3,7 @@ transactions), at least once (plain commits), and a bare kafka-python consumer t
 polls, all on the same topic in the same run. Prints the rates and their ratios to the
 bare consumer.
 
-    .venv/bin/python bench/transactions.py [--transactions 100000] [--batch-size 5000]
+    .venv/bin/python bench/transactions.py [--transactions N] [--users N] [--batch-size N]
 
 Each run reads the whole topic from the beginning. Clocks: the bare consumer (assigned by
 hand, offsets resolved first) from its first poll to the poll that brings the last record (no

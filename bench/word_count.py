@@ -2,7 +2,7 @@
 
 On the ~45.5 MB Shakespeare corpus (built with `python -m sources shakespeare` if missing), in
 one run, each case in its own fresh process (so its peak memory is its own):
-  1. baseline, the classic method: read, split into a Python list, loop counting ONE word;
+  1. baseline, the plain method: read, split into a Python list, loop counting ONE word;
   2. `collections.Counter(text.lower().split())` (all words, but no punctuation stripping);
   3. the pure-Python reference tokenizer (`tasks.words.tokenize`) + Counter;
   4. our shard counting alone (`tasks.words.count_shard` on threads), shards 1 and 2;
@@ -13,7 +13,7 @@ one run, each case in its own fresh process (so its peak memory is its own):
      setup before the body and its teardown after it are NOT included).
 Each case runs --repeat times; the best and the median are printed with the ratio
 baseline best / case best ("x vs baseline") and peak RSS. The reference tokenizer, ours and
-the flow must agree exactly on the count of the seed word and on the distinct words: if not,
+the flow must agree exactly on the count of the probe word and on the distinct words: if not,
 the script exits 1.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SEED_WORD = "more"
+PROBE_WORD = "more"
 
 
 def rss_mb() -> float:
@@ -54,10 +54,10 @@ def case_baseline(corpus: Path, _shards: int) -> dict:
     with open(corpus, encoding="utf-8", errors="replace") as handle:
         words = handle.read().split()
     count = 0
-    for word in words:  # the classic count_words(): one word, a Python loop
-        if word == SEED_WORD:
+    for word in words:  # the plain way: one word, a Python loop
+        if word == PROBE_WORD:
             count += 1
-    return {SEED_WORD: count}
+    return {PROBE_WORD: count}
 
 
 def case_counter(corpus: Path, _shards: int) -> dict:
@@ -65,14 +65,14 @@ def case_counter(corpus: Path, _shards: int) -> dict:
 
     with open(corpus, encoding="utf-8", errors="replace") as handle:
         counts = Counter(handle.read().lower().split())
-    return {SEED_WORD: counts[SEED_WORD], "distinct": len(counts)}
+    return {PROBE_WORD: counts[PROBE_WORD], "distinct": len(counts)}
 
 
 def case_reference(corpus: Path, _shards: int) -> dict:
     from tasks.words import decode, reference_counts
 
     counts = reference_counts([decode(corpus.read_bytes())])
-    return {SEED_WORD: counts[SEED_WORD], "distinct": len(counts)}
+    return {PROBE_WORD: counts[PROBE_WORD], "distinct": len(counts)}
 
 
 def case_shards(corpus: Path, shards: int) -> dict:
@@ -84,8 +84,8 @@ def case_shards(corpus: Path, shards: int) -> dict:
     with ThreadPoolExecutor(max_workers=shards) as pool:
         counted = list(pool.map(count_shard, plan, range(shards)))
     merged = merge_counts(c.counts for c in counted)
-    more = merged.filter(merged["word"] == SEED_WORD)["count"].sum()
-    return {SEED_WORD: int(more), "distinct": merged.height}
+    more = merged.filter(merged["word"] == PROBE_WORD)["count"].sum()
+    return {PROBE_WORD: int(more), "distinct": merged.height}
 
 
 CASES = {
@@ -135,10 +135,13 @@ def run_flow(corpus: Path, shards: int, repeat: int) -> dict:
     with prefect_test_harness(server_startup_timeout=120):
         for _ in range(repeat):
             started = time.perf_counter()
-            summary = word_count(str(corpus), shards=shards, words=[SEED_WORD])
+            summary = word_count(str(corpus), shards=shards, words=[PROBE_WORD])
             seconds.append(time.perf_counter() - started)
             inside.append(summary["total_seconds"])
-            result = {SEED_WORD: summary["words"][SEED_WORD], "distinct": summary["distinct_words"]}
+            result = {
+                PROBE_WORD: summary["words"][PROBE_WORD],
+                "distinct": summary["distinct_words"],
+            }
         empty = []
         for _ in range(repeat):
             started = time.perf_counter()
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeat} runs per case, each case in a fresh process")  # fmt: skip
 
     rows: list[tuple[str, dict]] = [
-        (f"baseline: split + loop counting {SEED_WORD!r}", measure("baseline", corpus, 1, args.repeat)),
+        (f"baseline: split + loop counting {PROBE_WORD!r}", measure("baseline", corpus, 1, args.repeat)),
         ("Counter(text.lower().split())", measure("counter", corpus, 1, args.repeat)),
         ("reference tokenize() + Counter", measure("reference", corpus, 1, args.repeat)),
     ]  # fmt: skip
@@ -221,23 +224,23 @@ def main(argv: list[str] | None = None) -> int:
 
     base = min(rows[0][1]["seconds"])
     print(
-        f"\n{'case':<52} {'best s':>8} {'median s':>9} {'x vs base':>9} {'peak MB':>8}  {SEED_WORD!r}"
+        f"\n{'case':<52} {'best s':>8} {'median s':>9} {'x vs base':>9} {'peak MB':>8}  {PROBE_WORD!r}"
     )
     for label, row in rows:
         best, median = min(row["seconds"]), statistics.median(row["seconds"])
         print(f"{label:<52} {best:>8.3f} {median:>9.3f} {base / best:>8.1f}x "
-              f"{row['peak_mb']:>8.0f}  {row['result'][SEED_WORD]}")  # fmt: skip
+              f"{row['peak_mb']:>8.0f}  {row['result'][PROBE_WORD]}")  # fmt: skip
 
     # The baseline and Counter(split()) count raw tokens ("More," is not "more"); the
     # reference, ours and the flow apply the documented tokenizer and must agree exactly.
-    exact = {(row["result"][SEED_WORD], row["result"]["distinct"]) for _, row in rows[2:]}
+    exact = {(row["result"][PROBE_WORD], row["result"]["distinct"]) for _, row in rows[2:]}
     agree = len(exact) == 1
     print("\nx vs base = baseline best / case best (the baseline counts one word, in-process, "
           "no Prefect)")  # fmt: skip
-    print(f"the tokenizer's cases agree on {SEED_WORD!r} and the distinct words: "
+    print(f"the tokenizer's cases agree on {PROBE_WORD!r} and the distinct words: "
           f"{'yes' if agree else 'NO'}")  # fmt: skip
     if not agree:
-        by_case = "; ".join(f"{label}: {row['result'][SEED_WORD]} {SEED_WORD!r}, "
+        by_case = "; ".join(f"{label}: {row['result'][PROBE_WORD]} {PROBE_WORD!r}, "
                             f"{row['result']['distinct']} distinct" for label, row in rows[2:])  # fmt: skip
         print(f"FAILED: the tokenizer's cases disagree: {by_case}", file=sys.stderr)
     ours = {s: min(measure_row["seconds"]) for s, (_, measure_row) in

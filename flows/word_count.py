@@ -35,6 +35,11 @@ from tasks.words import (
 )
 
 TOP_WORDS = 20
+DASK_MISSING = (
+    "WORD_COUNT_TASK_RUNNER=dask needs the optional `dask` extra (prefect-dask), which is not "
+    "installed ({error}): pip install -e '.[dask]' (`make install` includes it), or "
+    "WORD_COUNT_TASK_RUNNER=threads"
+)
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,12 @@ def shard_task_runner(settings: Settings, shards: int) -> TaskRunner:
     """The task runner the settings choose for the shard tasks."""
     if settings.word_count_task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=shards)
-    # Imported here: dask is only loaded by runs that use it.
-    from prefect_dask import DaskTaskRunner
+    # Imported here: dask is only loaded by runs that use it, and only installed with the
+    # `dask` extra.
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as error:
+        raise ImportError(DASK_MISSING.format(error=error)) from error
 
     if settings.word_count_dask_address:
         return DaskTaskRunner(address=settings.word_count_dask_address)
@@ -135,7 +144,7 @@ def join_shards(run: RunInfo, counted: list[ShardCount]) -> dict[str, Any]:
         "shards": request.shards,
         "task_runner": run.task_runner,
         "tokens": tokens,
-        "total_tokens": tokens,  # the issue's name; "tokens" kept for existing readers
+        "total_tokens": tokens,  # the documented name; "tokens" kept for existing readers
         "distinct_words": distinct,
         "words": {word: count for word, count, _ in requested},
         "ranks": {word: rank for word, _, rank in requested},

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from infra import kafka_broker, prefect_server, services
+from infra import status as worker_status
 from tasks.kafka import BrokerUnavailableError, ensure_topics, project_topics
 from tasks.settings import get_settings
 
+DEMO_METRICS_PORT = 9410
 
-def up() -> None:
+
+def up(workers: bool = False) -> None:
     started = kafka_broker.ensure_running()
     print(f"kafka: {'started' if started else 'already running'} at "
           f"{get_settings().kafka_bootstrap_servers}")  # fmt: skip
@@ -19,10 +23,31 @@ def up() -> None:
     started = prefect_server.ensure_running()
     print(f"prefect: {'started' if started else 'already running'}; UI at "
           f"http://{prefect_server.HOST}:{prefect_server.PORT}")  # fmt: skip
+    if workers:
+        start_workers()
+
+
+def start_workers() -> None:
+    """`python -m stream_workers all` in the background, its events to the Prefect server."""
+    pid = services.running_pid(services.WORKERS)
+    if pid is None:
+        # The server `up` started, or the one PREFECT_API_URL already names.
+        env = {k: os.environ.get(k, v) for k, v in prefect_server.client_env().items()}
+        pid = services.start_workers(env=env)
+        what = "started"
+    else:
+        what = "already running"
+    print(f"stream workers: {what} (pid {pid}; log {services.log_path(services.WORKERS)}; "
+          "`make status` lists them)")  # fmt: skip
 
 
 def down() -> None:
-    # Workers and served flows (left by `make demo DEMO_ARGS=--keep`) first, then the stack.
+    # The stream workers first, while Kafka is there for their last commits.
+    if services.stop_workers():
+        clean = "every worker stopped cleanly" in services.log_tail(services.WORKERS, 3)
+        print(f"{services.WORKERS}: {'stopped cleanly' if clean else 'stopped, NOT cleanly'} "
+              f"(log {services.log_path(services.WORKERS)})")  # fmt: skip
+    # Served flows (left by `make demo DEMO_ARGS=--keep`), then the stack.
     for name in services.running_services():
         if name not in {kafka_broker.NAME, prefect_server.NAME} and services.stop(name, 20):
             print(f"{name}: stopped")
@@ -35,6 +60,7 @@ def status() -> int:
     prefect_ok = prefect_server.healthy()
     print(f"kafka:   {'up' if kafka_ok else 'down'} ({get_settings().kafka_bootstrap_servers})")
     print(f"prefect: {'up' if prefect_ok else 'down'} ({prefect_server.API_URL})")
+    print(worker_status.report(get_settings(), kafka_up=kafka_ok))
     return 0 if kafka_ok and prefect_ok else 1
 
 
@@ -46,10 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", action="store_true", help="demo: leave the system running for the UI"
     )
+    parser.add_argument(
+        "--workers", action="store_true",
+        help="up: also run every stream worker (`python -m stream_workers all`) in the background",
+    )  # fmt: skip
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, metavar="P",
+        help="demo: the workers' metrics ports start here (default: STREAM_METRICS_PORT, else "
+        f"{DEMO_METRICS_PORT}; 0: no metrics)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            up()
+            up(workers=args.workers)
         elif args.command == "down":
             down()
         elif args.command == "status":
@@ -61,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from infra.demo import run_demo
 
-            return run_demo(keep=args.keep)
+            port = args.metrics_port
+            if port is None:
+                port = get_settings().stream_metrics_port or DEMO_METRICS_PORT
+            return run_demo(keep=args.keep, metrics_port=port or None)
     except (services.ServiceError, BrokerUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -2,10 +2,13 @@
 
 Starts Kafka and the Prefect server (unless running), serves every deployment
 (`python -m flows`), then runs each domain step in `infra/demo_steps/` through four phases:
-`prepare` (start stream workers), `produce` (sample traffic), `batch` (trigger deployments
-through the Prefect API and wait) and `summarize` (rows for the summary table). Whatever
-the demo started, it stops, also on failure; with `--keep` a successful demo leaves it all
-running for the UI (`make down` stops it).
+`prepare` (topics, state, and the stream workers each step needs), `produce` (sample
+traffic), `batch` (trigger deployments through the Prefect API and wait) and `summarize`
+(rows for the summary table). The stream workers the steps ask for run under one supervisor,
+`python -m stream_workers all`, started once every step has prepared; the summary adds each
+worker's records and lag from its metrics endpoint. Whatever the demo started, it stops, also
+on failure; with `--keep` a successful demo leaves it all running for the UI (`make down`
+stops it).
 """
 
 from __future__ import annotations
@@ -15,14 +18,19 @@ import os
 import pkgutil
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from infra import demo_steps, kafka_broker, prefect_server, services
+from infra.status import read_statuses, status_dir, supervised
+from stream_workers.all import WORKERS, ChildSpec, plan
 from tasks.kafka import ensure_topics, project_topics
 from tasks.settings import Settings, get_settings
 
@@ -33,8 +41,12 @@ PHASES = ("prepare", "produce", "batch", "summarize")
 @dataclass
 class DemoContext:
     settings: Settings
+    metrics_port: int | None = None  # the workers' metrics ports start here
     started: list[str] = field(default_factory=list)  # service names
     summary: list[tuple[str, str, str]] = field(default_factory=list)
+    # The instances each worker should run with (by `--instance`, else one per request).
+    workers: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    children: list[ChildSpec] = field(default_factory=list)  # what the supervisor runs
 
     def start_process(
         self, name: str, argv: list[str], marker: str, env: dict[str, str] | None = None
@@ -45,12 +57,53 @@ class DemoContext:
         console.print(f"  started {name} (log: {services.log_path(name)})")
 
     def start_worker(self, worker: str, *args: str) -> None:
-        name = f"worker-{worker}{'-' + '-'.join(args[1::2]) if args else ''}"
-        self.start_process(
-            name,
-            [sys.executable, "-m", "stream_workers", worker, *args],
-            f"stream_workers {worker}",
-        )
+        """Ask for a stream worker instance (`--instance N`, else one more); all of them start
+        under one supervisor once every step has prepared (`start_workers`). The jobs worker
+        runs for every known processor."""
+        instances = self.workers[worker]
+        given = args[args.index("--instance") + 1] if "--instance" in args else None
+        instances.add(given if given is not None else f"#{len(instances)}")
+
+    def start_workers(self, timeout_s: float = 120) -> None:
+        """`python -m stream_workers all` with the instances asked for; returns once every
+        worker process says it is running (partitions assigned and state restored)."""
+        if not self.workers:
+            return
+        pid = services.running_pid(services.WORKERS)
+        if pid is not None:
+            raise RuntimeError(
+                f"stream workers already run (pid {pid}, `make up WORKERS=1` or a kept demo): "
+                "the demo runs its own; stop them first (`make down`)"
+            )
+        counts = {worker: len(self.workers.get(worker, ())) for worker in WORKERS}
+        self.children = plan(counts, metrics_port=self.metrics_port)
+        args = ["--instances", ",".join(f"{w}={n}" for w, n in counts.items())]
+        if self.metrics_port is not None:
+            args += ["--metrics-port", str(self.metrics_port)]
+        directory = status_dir(self.settings).absolute()
+        env = {**prefect_server.client_env(), "STREAM_STATUS_DIR": str(directory)}
+        self.started.append(services.WORKERS)
+        pid = services.start_workers(args, env=env)
+        console.print(f"  started the stream workers: python -m stream_workers all "
+                      f"{' '.join(args)} (pid {pid}; log: {services.log_path(services.WORKERS)})")  # fmt: skip
+        for child in self.children:
+            console.print(f"    {child.name}" + (f": metrics {child.metrics_url}"
+                                                 if child.metrics_url else ""))  # fmt: skip
+        # One status file per worker process; the jobs daemon is two (its REALTIME lane).
+        want = sum(2 if child.worker == "jobs" else 1 for child in self.children)
+
+        def ready() -> bool:
+            mine = supervised(read_statuses(directory), pid)
+            return len(mine) == want and all(s["state"] == "running" for s in mine)
+
+        # A supervisor that exits (a worker exiting 2) ends the wait at once.
+        services.wait_for(lambda: ready() or not services.alive(pid), timeout_s, 0.5)
+        if not ready():
+            what = "exited" if not services.alive(pid) else f"not all running in {timeout_s:g}s"
+            raise RuntimeError(
+                f"the stream workers {what}; last lines of {services.log_path(services.WORKERS)}"
+                f":\n{services.log_tail(services.WORKERS)}"
+            )
 
     def run_deployment(
         self, name: str, parameters: dict[str, Any] | None = None, timeout_s: float = 300
@@ -94,12 +147,12 @@ def _steps():
     return sorted(found, key=lambda module: getattr(module, "ORDER", 100))
 
 
-def run_demo(keep: bool = False) -> int:
+def run_demo(keep: bool = False, metrics_port: int | None = None) -> int:
     # Before anything imports Prefect: every client here talks to the demo's server.
     for key, value in prefect_server.client_env().items():
         os.environ.setdefault(key, value)
     settings = get_settings()
-    ctx = DemoContext(settings)
+    ctx = DemoContext(settings, metrics_port)
     stack: list[tuple[str, Any]] = []
     try:
         console.rule("starting the stack")
@@ -122,6 +175,9 @@ def run_demo(keep: bool = False) -> int:
             for step in steps:
                 if hasattr(step, phase):
                     getattr(step, phase)(ctx)
+            if phase == "prepare":
+                ctx.start_workers()
+        _add_worker_metrics(ctx)
         _print_summary(ctx)
         if keep:
             console.print(
@@ -135,7 +191,10 @@ def run_demo(keep: bool = False) -> int:
         if ctx.started or stack:
             console.rule("stopping what the demo started")
         for name in reversed(ctx.started):
-            services.stop(name, timeout_s=20)
+            if name == services.WORKERS:
+                services.stop_workers()  # it waits for every worker's last commit
+            else:
+                services.stop(name, timeout_s=20)
         for name, stop in reversed(stack):
             stop()
             console.print(f"  stopped {name}")
@@ -148,3 +207,37 @@ def _print_summary(ctx: DemoContext) -> None:
     for row in ctx.summary:
         table.add_row(*(escape(cell) for cell in row))
     console.print(table)
+
+
+def _add_worker_metrics(ctx: DemoContext) -> None:
+    """Per worker process: records consumed (committed) and its lag now, from the worker's
+    metrics endpoint. A worker whose endpoint does not answer gets a row saying so: the
+    summary is not a check."""
+    for child in ctx.children:
+        if child.metrics_url is None:
+            continue
+        try:
+            text = httpx.get(child.metrics_url, timeout=5).raise_for_status().text
+        except httpx.HTTPError as error:
+            ctx.add("workers", f"{child.name} (metrics)", f"unavailable: {error}")
+            continue
+        for (worker, instance, lane), (records, lag) in sorted(worker_metrics(text).items()):
+            name = f"{worker}{'-' + lane if lane else ''}/{instance}"
+            ctx.add("workers", f"{name} records, lag (:{child.metrics_port})",
+                    f"{records:.0f}, lag {lag:.0f}")  # fmt: skip
+
+
+def worker_metrics(text: str) -> dict[tuple[str, str, str], tuple[float, float]]:
+    """From a worker's Prometheus text: per (worker, instance, lane), the records consumed
+    (`stream_worker_records_total`) and the lag summed over its partitions
+    (`stream_worker_lag_records`)."""
+    records: dict[tuple[str, str, str], float] = defaultdict(float)
+    lag: dict[tuple[str, str, str], float] = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = tuple(sample.labels.get(k, "") for k in ("worker", "instance", "lane"))
+            if sample.name == "stream_worker_records_total":
+                records[key] += sample.value  # type: ignore[index]
+            elif sample.name == "stream_worker_lag_records":
+                lag[key] += sample.value  # type: ignore[index]
+    return {key: (records[key], lag[key]) for key in records.keys() | lag.keys()}

@@ -194,7 +194,9 @@ def _format_storage(java: str, config: BrokerConfig) -> None:
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
     done = subprocess.run(
         _java_argv(java, "kafka.tools.StorageTool", "format", "--standalone",
-                   "--cluster-id", cluster_id, "--config", str(config.config_file),
+                   # `=`: an id may start with "-" (urlsafe base64), which argparse would
+                   # read as an option.
+                   f"--cluster-id={cluster_id}", "--config", str(config.config_file),
                    directory=config.directory),
         capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
     )  # fmt: skip

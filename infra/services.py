@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -129,3 +130,41 @@ def log_tail(name: str, lines: int = 20) -> str:
         return "\n".join(log_path(name).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+# --- the stream workers (`python -m stream_workers all`) ---------------------------------------
+
+WORKERS = "stream-workers"
+WORKERS_MARKER = "stream_workers all"
+WORKERS_STATUS_DIR = VAR / "stream-status"
+# Longer than the supervisor's own wait for its children (--stop-timeout, 30 s): it exits
+# once they have all committed and stopped.
+WORKERS_STOP_TIMEOUT_S = 60.0
+
+
+def start_workers(
+    args: list[str] | tuple[str, ...] = (), env: dict[str, str] | None = None, name: str = WORKERS
+) -> int:
+    """Start `python -m stream_workers all <args>` as the service `name` (its status files in
+    STREAM_STATUS_DIR, else `var/stream-status`); returns its pid. Raises ServiceError when it
+    exits at once (bad settings or options: its log says why)."""
+    status_dir = os.environ.get("STREAM_STATUS_DIR") or str(WORKERS_STATUS_DIR)
+    pid = start(
+        name,
+        [sys.executable, "-m", "stream_workers", "all", *args],
+        WORKERS_MARKER,
+        env={"STREAM_STATUS_DIR": status_dir, **(env or {})},
+    )
+    # Options and ports are checked before any child starts: bad ones end it within seconds.
+    if wait_for(lambda: not alive(pid), 3.0, 0.1):
+        pid_path(name).unlink(missing_ok=True)
+        raise ServiceError(
+            f"{name} exited at once; last lines of {log_path(name)}:\n{log_tail(name)}"
+        )
+    return pid
+
+
+def stop_workers(name: str = WORKERS, timeout_s: float = WORKERS_STOP_TIMEOUT_S) -> bool:
+    """SIGTERM the supervisor and wait until it (and so every child, each after committing)
+    has exited. True if it was running."""
+    return stop(name, timeout_s)

@@ -7,7 +7,8 @@
 import sys
 
 import sources
-from tasks.commands import dispatch
+from tasks.commands import dispatch, setup_logging
 
 if __name__ == "__main__":
+    setup_logging()  # LOG_FORMAT=json: one JSON object per line
     sys.exit(dispatch(sources, sys.argv[1:], "source"))

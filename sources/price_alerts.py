@@ -104,24 +104,63 @@ def delete_alert(
         sender.send(s.price_alerts_topic, key=alert_id, value=None)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default shown; the description and the epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # "(default: None)" would say nothing the help does not.
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def epilog(settings: Settings) -> str:
+    """What the command writes and the settings that change it, with their current values."""
+    return f"""\
+writes:
+  {settings.price_alerts_topic} (PRICE_ALERTS_TOPIC), compacted, key alert_id; created if missing,
+  with KAFKA_DEFAULT_PARTITIONS partitions.
+  create: {{"alert_id": str, "user_id": str, "product_id": "BTC-USD",
+           "threshold": "6500.00" (decimal string), "created_at": ISO-8601}}
+  delete: a tombstone (null value) for the alert's key
+  read by: python -m stream_workers price-alerts; the price-averages deployment. An alert
+  fires once, when the ten-minute average of its product reaches the threshold, on
+  {settings.notifications_topic} (NOTIFICATIONS_TOPIC); then it is tombstoned.
+
+settings (environment variables or .env; now):
+  PRICE_ALERTS_TOPIC={settings.price_alerts_topic}  \
+KAFKA_DEFAULT_PARTITIONS={settings.kafka_default_partitions}  \
+KAFKA_REPLICATION_FACTOR={settings.kafka_replication_factor}
+  KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} and the other KAFKA_* connection settings
+
+every setting: docs/settings.md; the price-alerts contract: docs/contracts.md"""
+
+
 def main(argv: list[str]) -> int:
+    settings = get_settings()
+    about = epilog(settings)
     parser = argparse.ArgumentParser(prog="python -m sources price-alerts", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                     epilog=about, formatter_class=_Help)  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
-    create = commands.add_parser("create", help="create an alert")
-    create.add_argument("--user", required=True)
-    create.add_argument("--product", required=True, help="e.g. BTC-USD")
+    create = commands.add_parser("create", help="create an alert (prints its id)",
+                                 description="Create an alert; prints its id.", epilog=about,
+                                 formatter_class=_Help)  # fmt: skip
+    create.add_argument("--user", required=True, help="the user to notify (the notification key)")
+    create.add_argument("--product", required=True, help="a product id, e.g. BTC-USD")
     create.add_argument("--threshold", required=True, help="a positive decimal, e.g. 6500.00")
     create.add_argument("--alert-id", default=None, help="default: a new random id")
-    delete = commands.add_parser("delete", help="delete an alert")
-    delete.add_argument("--alert-id", required=True)
+    delete = commands.add_parser("delete", help="delete an alert",
+                                 description="Delete an alert (a tombstone for its key).",
+                                 epilog=about, formatter_class=_Help)  # fmt: skip
+    delete.add_argument("--alert-id", required=True, help="the id `create` printed")
     args = parser.parse_args(argv)
     try:
         if args.command == "create":
-            alert = create_alert(args.user, args.product, args.threshold, alert_id=args.alert_id)
+            alert = create_alert(args.user, args.product, args.threshold, alert_id=args.alert_id,
+                                 settings=settings)  # fmt: skip
             print(alert.alert_id)
         else:
-            delete_alert(args.alert_id)
+            delete_alert(args.alert_id, settings=settings)
             print(f"deleted {args.alert_id}")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

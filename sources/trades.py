@@ -128,20 +128,54 @@ def produce(
     return sent
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default shown; the description and the epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # "(default: None)" or "(default: False)" would say nothing the help does not.
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def epilog(settings: Settings) -> str:
+    """What the command writes and the settings that change it, with their current values."""
+    return f"""\
+writes:
+  {settings.trades_topic} (TRADES_TOPIC), key product_id; created if missing, with
+  KAFKA_DEFAULT_PARTITIONS partitions. Each record's Kafka timestamp is the trade's event time.
+  value: {{"trade_id": int, "product_id": "BTC-USD", "price": "6500.00" (decimal string),
+          "size": "0.012345" (decimal string), "side": "buy" | "sell", "time": ISO-8601}}
+  read by: python -m stream_workers price-alerts; the price-averages deployment
+
+settings (environment variables or .env; now):
+  TRADES_TOPIC={settings.trades_topic}  KAFKA_DEFAULT_PARTITIONS={settings.kafka_default_partitions}  \
+KAFKA_REPLICATION_FACTOR={settings.kafka_replication_factor}
+  KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} and the other KAFKA_* connection settings
+
+every setting: docs/settings.md; the trades contract: docs/contracts.md"""
+
+
 def main(argv: list[str]) -> int:
+    settings = get_settings()
     parser = argparse.ArgumentParser(prog="python -m sources trades", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                     epilog=epilog(settings), formatter_class=_Help)  # fmt: skip
     parser.add_argument("--products", default="BTC-USD", help="comma-separated product ids")
-    parser.add_argument("--rate", type=float, default=200, help="trades per second (all products)")
+    parser.add_argument("--rate", type=float, default=200,
+                        help="trades per second, all products together; also the pace of "
+                        "--replay unless --fast")  # fmt: skip
     parser.add_argument("--duration", type=float, default=30, help="seconds of trades")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of the random walk: the same seed, the same trades")  # fmt: skip
     parser.add_argument("--start", default=None,
-                        help="event time of the first trade (ISO-8601, UTC); default: now")  # fmt: skip
+                        help="event time of the first trade (ISO-8601 with a zone); default: now")  # fmt: skip
     parser.add_argument("--first-id", type=int, default=1, help="trade_id of the first trade")
     parser.add_argument("--fast", action="store_true",
                         help="send as fast as possible (event times still follow --rate)")  # fmt: skip
-    parser.add_argument("--replay", type=Path, default=None, help="a .csv or .parquet of trades")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--replay", type=Path, default=None,
+                        help="send the trades of this .csv or .parquet instead, with their "
+                        "own times (columns as the value above; trade_id optional)")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         if args.rate <= 0 or args.duration <= 0:
@@ -159,9 +193,9 @@ def main(argv: list[str]) -> int:
             stream = random_walk(products, total, seed=args.seed, rate=args.rate, start=start,
                                  first_id=args.first_id)  # fmt: skip
             rate = None if args.fast else args.rate
-        sent = produce(stream, total, rate=rate, progress=not args.no_progress)
+        sent = produce(stream, total, rate=rate, settings=settings, progress=not args.no_progress)
     except ValueError as error:  # pydantic's ValidationError is one too
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"sent {sent} trades")
+    print(f"sent {sent} trades to {settings.trades_topic}")
     return 0

@@ -122,19 +122,54 @@ def produce(
     return sent
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default shown; the description and the epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # "(default: None)" would say nothing the help does not.
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def epilog(settings: Settings) -> str:
+    """What the command writes and the settings that change it, with their current values."""
+    return f"""\
+writes:
+  {settings.transactions_topic} (TRANSACTIONS_TOPIC), key = the user; created if missing, with
+  KAFKA_DEFAULT_PARTITIONS partitions.
+  value: {{"user": str, "amount": "-1250.50" (decimal string), "time": ISO-8601}}
+  read by: python -m stream_workers transaction-alerts; the transaction-totals and
+  load-events deployments. Invalid records end in {settings.dlq_topic(settings.transactions_topic)} with the reason.
+
+settings (environment variables or .env; now):
+  TRANSACTIONS_TOPIC={settings.transactions_topic}  \
+TRANSACTION_AMOUNT_SCALE={settings.transaction_amount_scale} (decimal places of generated amounts)
+  KAFKA_DEFAULT_PARTITIONS={settings.kafka_default_partitions}  \
+KAFKA_REPLICATION_FACTOR={settings.kafka_replication_factor}
+  KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} and the other KAFKA_* connection settings
+
+every setting: docs/settings.md; the transactions contract: docs/contracts.md"""
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sources transactions",
-                                     description=__doc__.split("\n\n")[0])  # fmt: skip
-    parser.add_argument("--users", type=int, default=50)
-    parser.add_argument("--rate", type=float, default=500, help="per second; 0 = unthrottled")
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="python -m sources transactions", description=__doc__,
+                                     epilog=epilog(settings), formatter_class=_Help)  # fmt: skip
+    parser.add_argument("--users", type=int, default=50, help="users user-000, user-001, ...")
+    parser.add_argument("--rate", type=float, default=500,
+                        help="transactions per second; 0 = as fast as possible (needs --count)")  # fmt: skip
     parser.add_argument("--duration", type=float, default=20, help="seconds of traffic")
-    parser.add_argument("--count", type=int, help="transactions (default: rate x duration)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--start", help="ISO-8601 time of the first transaction (default: now)")
-    parser.add_argument("--replay", type=Path, help="send the lines of this JSON-lines file")
+    parser.add_argument("--count", type=int, help="transactions; default: rate x duration")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of the generator: the same seed, the same transactions")  # fmt: skip
+    parser.add_argument("--start", help="ISO-8601 time (with a zone) of the first transaction; "
+                        "default: now")  # fmt: skip
+    parser.add_argument("--replay", type=Path,
+                        help="send the lines of this JSON-lines file instead, as they are "
+                        "(paced by --rate)")  # fmt: skip
     parser.add_argument("--record", type=Path, help="also write what is sent to this file")
     args = parser.parse_args(argv)
-    settings = get_settings()
     if args.replay:
         if not args.replay.is_file():
             parser.error(f"--replay: no such file {str(args.replay)!r}")

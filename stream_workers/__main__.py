@@ -5,15 +5,11 @@
 cleanly on SIGTERM (finish the batch, commit, exit 0).
 """
 
-import logging
 import sys
 
 import stream_workers
-from tasks.commands import dispatch
+from tasks.commands import dispatch, setup_logging
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per connection
+    setup_logging()  # LOG_FORMAT=json: one JSON object per line
     sys.exit(dispatch(stream_workers, sys.argv[1:], "worker"))

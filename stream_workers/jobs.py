@@ -17,6 +17,11 @@ letters and the consumer offsets commit together. Job ids that already have a re
 (rebuilt from the results topic on start, read_committed) are skipped, and the handlers'
 upstream calls are idempotent by job id: a redelivered job never gives a second result or
 a second upstream call.
+
+Metrics (`--metrics-port`): one endpoint, served by the main process; the REALTIME lane
+sends its batch reports and lag to it over a bounded queue (stream_workers/metrics.py), and
+every series has a `lane` label. Prefect events: each lane is a worker of its own
+(`jobs-<processor>-realtime`, `jobs-<processor>-normal`).
 """
 
 from __future__ import annotations
@@ -28,14 +33,26 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from stream_workers.runtime import Batch, Records, Runtime, Transactor, static_member_id
+from stream_workers.metrics import Telemetry
+from stream_workers.runtime import (
+    Batch,
+    Observer,
+    Records,
+    Runtime,
+    Transactor,
+    progress_interval,
+    static_member_id,
+)
+from tasks.commands import env_name, setup_logging, worker_parser
 from tasks.job_queues import result_ids_since
 from tasks.jobs import (
+    PROCESSORS,
     BadJobMessage,
     Job,
     JobStatus,
@@ -60,7 +77,14 @@ from tasks.wire import key_partition
 log = logging.getLogger("stream_workers.jobs")
 
 FAULTS = ("kill-before-commit",)  # test hook: SIGKILL after the handlers ran, before commit
-LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+LANES = ("realtime", "normal")  # the `lane` label of the daemon's metrics
+METRICS_QUEUE_SIZE = 1000  # REALTIME lane -> main process; more waiting are dropped
+
+
+def lane_group(settings: Settings, processor: str, priority: Priority) -> str:
+    """The consumer group of a lane (also the prefix of its static member and transactional
+    ids)."""
+    return f"{settings.jobs_processor_group(processor)}.{priority.value.lower()}"
 
 
 class Lane:
@@ -79,6 +103,7 @@ class Lane:
         *,
         instance: str = "0",
         fault: str | None = None,
+        observers: Iterable[Observer] = (),
     ) -> None:
         s = self.settings = settings or get_settings()
         self.processor, self.priority = processor, priority
@@ -88,7 +113,7 @@ class Lane:
         self.results_topic = s.job_results_topic(processor)
         self.topic = s.jobs_topic(processor, priority.value)
         self.joined = False
-        group = f"{s.jobs_processor_group(processor)}.{priority.value.lower()}"
+        group = lane_group(s, processor, priority)
         member = static_member_id(group, instance)
         # A stable transactional id: on restart, init_transactions aborts whatever a
         # killed predecessor left open, so read_committed readers are not held back.
@@ -127,7 +152,8 @@ class Lane:
         self.runtime = Runtime(
             self, consumer, [self.topic], max_records=s.jobs_processor_max_batch,
             poll_timeout_ms=100 if realtime else 50, closers=[self.transactor.close],
-            instance=instance, status_dir=s.stream_status_dir,
+            instance=instance, status_dir=s.stream_status_dir, observers=observers,
+            progress_interval_s=progress_interval(s),
         )  # fmt: skip
         self.stats = self.runtime.stats
         self.slice_s = s.jobs_normal_slice_ms / 1000
@@ -268,33 +294,56 @@ def _crash() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _realtime_process(processor: str, instance: str, fault, realtime_idle, stop_all) -> None:
-    """The REALTIME lane, in a child process of the daemon."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+def _realtime_process(
+    processor: str, instance: str, fault, realtime_idle, stop_all, metrics_queue
+) -> None:
+    """The REALTIME lane, in a child process of the daemon; its metrics go to the daemon."""
+    settings = get_settings()
+    setup_logging(settings.log_format, process_name=True)
+    # The daemon stops with this lane: exit without waiting for the queue to be read.
+    metrics_queue.cancel_join_thread()
     stop = StopSignal().install()
     parent = os.getppid()
-    lane = Lane(processor, Priority.REALTIME, realtime_idle, instance=instance, fault=fault)
+    telemetry = Telemetry(f"jobs-{processor}", instance, settings, forward=metrics_queue)
+    observers = telemetry.observers(lane_group(settings, processor, Priority.REALTIME),
+                                    lane="realtime")  # fmt: skip
     try:
-        # Stops with the daemon: its stop event, a signal of its own, or the parent gone.
-        lane.run(stop.also(stop_all.is_set, lambda: os.getppid() != parent))
+        lane = Lane(processor, Priority.REALTIME, realtime_idle, settings, instance=instance,
+                    fault=fault, observers=observers)  # fmt: skip
+        try:
+            # Stops with the daemon: its stop event, a signal of its own, or the parent gone.
+            lane.run(stop.also(stop_all.is_set, lambda: os.getppid() != parent))
+        finally:
+            realtime_idle.clear()
+            lane.close()
     finally:
-        realtime_idle.clear()
-        lane.close()
+        telemetry.close()
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stream_workers jobs",
-        description="Process REALTIME then NORMAL jobs of one processor (SLOW: the flow).",
-    )
-    parser.add_argument("--processor", required=True, help="e.g. payments")
+    settings = s = get_settings()
+    prefix, results = s.jobs_topic_prefix, s.job_results_topic_prefix
+    parser = worker_parser(
+        "jobs",
+        "Process REALTIME then NORMAL jobs of one processor (SLOW: the slow_job_batches flow).",
+        settings,
+        reads=[f"{prefix}.<processor>.realtime and {prefix}.<processor>.normal "
+               f"({env_name('jobs_topic_prefix')})",
+               f"{results}.<processor> ({env_name('job_results_topic_prefix')}): on start"],
+        writes=[f"{results}.<processor> ({env_name('job_results_topic_prefix')})",
+                f"{prefix}.<processor>.realtime.dlq and .normal.dlq (+ DLQ_SUFFIX)"],
+        own_settings=["jobs_processor_max_batch", "jobs_normal_slice_ms",
+                      "jobs_normal_niceness", "jobs_results_lookback_h",
+                      "jobs_session_timeout_ms", "jobs_txn_timeout_ms",
+                      "payments_upstream_rate_per_s", "payments_upstream_burst"],
+        instance_help="this daemon's stable id among the processor's daemons; restarting "
+        "with the same id takes over its transactions and partitions at once",
+        instance_default="0",
+    )  # fmt: skip
     parser.add_argument(
-        "--instance",
-        default="0",
-        help="this daemon's stable id among the processor's daemons (default 0); "
-        "restarting with the same id takes over its transactions and partitions at once",
-    )
+        "--processor", required=True, default=argparse.SUPPRESS,
+        help=f"whose jobs to process (known: {', '.join(sorted(PROCESSORS))})",
+    )  # fmt: skip
     parser.add_argument("--fault", choices=FAULTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
@@ -302,22 +351,38 @@ def main(argv: list[str]) -> int:
     except UnknownProcessorError as error:
         print(error, file=sys.stderr)
         return 2
-    settings = get_settings()
+    # One endpoint for both lanes, served here; the REALTIME lane forwards to it.
+    with Telemetry(f"jobs-{args.processor}", args.instance, settings, port=args.metrics_port,
+                   host=args.metrics_host, lanes=LANES) as telemetry:  # fmt: skip
+        return _run_daemon(args, settings, telemetry)
+
+
+def _run_daemon(args: argparse.Namespace, settings: Settings, telemetry: Telemetry) -> int:
     ensure_topics(job_topics(args.processor, settings), settings)
     stop = StopSignal().install()
     # spawn: a clean interpreter for the child (no forked Kafka threads or sockets).
     context = multiprocessing.get_context("spawn")
     realtime_idle, stop_all = context.Event(), context.Event()
+    metrics_queue = context.Queue(METRICS_QUEUE_SIZE)
+    telemetry.receive(metrics_queue)
     child = context.Process(
         target=_realtime_process,
-        args=(args.processor, args.instance, args.fault, realtime_idle, stop_all),
+        args=(args.processor, args.instance, args.fault, realtime_idle, stop_all, metrics_queue),
         name="realtime-lane",
     )
     child.start()
     # The NORMAL lane yields the CPU to the REALTIME lane (and the broker) when they need it.
     os.nice(settings.jobs_normal_niceness)
-    normal = Lane(args.processor, Priority.NORMAL, realtime_idle, settings,
-                  instance=args.instance, fault=args.fault)  # fmt: skip
+    try:
+        normal = Lane(args.processor, Priority.NORMAL, realtime_idle, settings,
+                      instance=args.instance, fault=args.fault,
+                      observers=telemetry.observers(
+                          lane_group(settings, args.processor, Priority.NORMAL), lane="normal"),
+                      )  # fmt: skip
+    except BaseException:
+        stop_all.set()  # the REALTIME lane must not outlive a daemon that failed to start
+        child.join(60)
+        raise
     log.info("processing %s jobs: REALTIME (pid %s) first, then NORMAL", args.processor, child.pid)
     try:
         normal.run(stop.also(lambda: not child.is_alive()))

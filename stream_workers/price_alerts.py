@@ -9,7 +9,7 @@ Transactions run under the transactional id of the `trades` partition
 (`<prefix>-<trades topic>-<partition>`), which the batch flow uses too when it fires
 alerts of a product of that partition: whoever initialises that id last fences the other,
 so a product's alerts are fired by one writer at a time, and each writer re-reads the alert
-state after taking the id (see README, "One notification per alert").
+state after taking the id (see docs/prices.md, "One notification per alert when both sides run").
 
 State is rebuilt from Kafka on start, on a rebalance and after being fenced: alerts from
 the compacted topic (read_committed, from the beginning), each partition's windows by
@@ -19,15 +19,25 @@ found with offsets_for_times.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from kafka import KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from stream_workers.runtime import Batch, Records, Runtime, Transactor, static_member_id
+from stream_workers.metrics import Telemetry
+from stream_workers.runtime import (
+    Batch,
+    Observer,
+    Records,
+    Runtime,
+    Transactor,
+    progress_interval,
+    static_member_id,
+)
+from tasks.commands import topic_text, worker_parser
 from tasks.kafka import (
     StopSignal,
     ensure_topics,
@@ -65,6 +75,8 @@ class PriceAlertsWorker:
         group_id: str | None = None,
         batch_size: int | None = None,
         instance: str | None = None,
+        observers: Iterable[Observer] = (),
+        on_fired: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.s = s = settings or get_settings()
         self.instance = instance
@@ -74,6 +86,8 @@ class PriceAlertsWorker:
         self.transactors: dict[int, Transactor] = {}
         # Test seam: called inside each transaction right before its commit.
         self.before_commit: Callable[[], None] | None = None
+        # Told each fired alert (its notification) once its transaction committed.
+        self.on_fired = on_fired
         self.ensure_topics()
         consumer = make_consumer(
             settings=s,
@@ -100,7 +114,8 @@ class PriceAlertsWorker:
             abort_backoff_s=s.price_fence_backoff_s,
             closers=[self._close_transactors, lambda: self.dlq_producer.close(timeout=5),
                      lambda: self.alerts_consumer.close(autocommit=False)],
-            instance=instance, status_dir=s.stream_status_dir,
+            instance=instance, status_dir=s.stream_status_dir, observers=observers,
+            progress_interval_s=progress_interval(s),
         )  # fmt: skip
         self.stats = self.runtime.stats
         self.counts = self.stats.counts
@@ -142,7 +157,8 @@ class PriceAlertsWorker:
         s = self.s
         counts = self.counts
         state = self.state
-        batch = Batch(records)
+        fired: list[dict[str, Any]] = []
+        batch = Batch(records, state=fired)
         for record in (r for rs in records.values() for r in rs):
             try:
                 trade = parse_trade(record.value)
@@ -166,11 +182,19 @@ class PriceAlertsWorker:
                 )
                 batch.emit(s.notifications_topic, alert.user_id, message)
                 batch.emit(s.price_alerts_topic, alert.alert_id, None)
+                fired.append(message)
                 counts["fired"] += 1
         return batch
 
     def on_committed(self, batch: Batch) -> None:
-        """The windows and alerts moved on in `process` already."""
+        """The windows and alerts moved on in `process` already; the fired alerts are told."""
+        if self.on_fired is None:
+            return
+        for message in batch.state or ():  # None: a batch the runtime built (a dead letter)
+            try:
+                self.on_fired(message)
+            except Exception:  # telling must not stop the worker (the alert went out)
+                log.exception("telling alert %s fired failed", message.get("alert_id"))
 
     def on_aborted(self, records: Records) -> None:
         # `process` moved the windows and removed fired alerts: rebuild everything from
@@ -324,29 +348,41 @@ class PriceAlertsWorker:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stream_workers price-alerts",
-        description="Ten-minute average price alerts on every trade (stream side).",
-    )
-    settings = get_settings()
+    settings = s = get_settings()
+    parser = worker_parser(
+        "price-alerts",
+        "Ten-minute average price alerts on every trade (stream side).",
+        settings,
+        reads=[topic_text(s, "trades_topic"), topic_text(s, "price_alerts_topic")],
+        writes=[topic_text(s, "notifications_topic"),
+                topic_text(s, "price_alerts_topic") + ": tombstones of fired alerts",
+                topic_text(s, "trades_topic", dlq=True),
+                topic_text(s, "price_alerts_topic", dlq=True)],
+        own_settings=["price_alerts_group", "price_alerts_batch_size", "price_window_minutes",
+                      "price_fire_transactional_prefix", "price_alerts_txn_timeout_ms",
+                      "price_alerts_session_timeout_ms", "price_rebuild_margin_s",
+                      "price_fence_backoff_s"],
+        instance_help="stable name of this instance (static group membership: fast restarts); "
+        "metrics and status files name it, or the pid without one",
+    )  # fmt: skip
     parser.add_argument("--group", default=settings.price_alerts_group, help="consumer group")
     parser.add_argument(
         "--batch-size", type=int, default=settings.price_alerts_batch_size,
         help="max trades per poll (and per transaction)",
     )  # fmt: skip
-    parser.add_argument(
-        "--instance", default=None,
-        help="stable name of this instance (static group membership: fast restarts)",
-    )  # fmt: skip
     args = parser.parse_args(argv)
     stop = StopSignal().install()
-    worker = PriceAlertsWorker(
-        settings, group_id=args.group, batch_size=args.batch_size, instance=args.instance
-    )
-    log.info(
-        "price-alerts worker: %s -> %s (group %s)",
-        settings.trades_topic, settings.notifications_topic, args.group,
-    )  # fmt: skip
-    with worker:
-        worker.run(stop)
+    with Telemetry("price-alerts", args.instance, settings, port=args.metrics_port,
+                   host=args.metrics_host) as telemetry:  # fmt: skip
+        observers = telemetry.observers(args.group)
+        worker = PriceAlertsWorker(
+            settings, group_id=args.group, batch_size=args.batch_size, instance=args.instance,
+            observers=observers, on_fired=telemetry.events_of().alert_fired,
+        )  # fmt: skip
+        log.info(
+            "price-alerts worker: %s -> %s (group %s)",
+            settings.trades_topic, settings.notifications_topic, args.group,
+        )  # fmt: skip
+        with worker:
+            worker.run(stop)
     return 0

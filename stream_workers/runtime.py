@@ -18,7 +18,8 @@ and what to do when partitions are assigned or revoked. The runtime owns the res
   exception text: the worker goes on;
 - the lifecycle: `with Runtime(...) as runtime: runtime.run(stop)`; SIGTERM finishes the
   batch, commits and returns (a second one exits at once, see `StopSignal`);
-- one `Stats` object and its listeners: the hook metrics and events hang on.
+- one `Stats` object, and the `Observer` hooks metrics and events hang on: started,
+  rebalanced, every batch report, a periodic tick (lag refreshed), stopped.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def static_member_id(group: str, instance: str | None) -> str | None:
     return f"{group}.{instance}" if instance else None
 
 
+def progress_interval(settings: Settings) -> float:
+    """A worker's tick (lag refresh, progress line, status file, observers' `tick`): every
+    10 s, or as often as heartbeats are due (STREAM_HEARTBEAT_INTERVAL_S) when that is more."""
+    return min(10.0, settings.stream_heartbeat_interval_s)
+
+
 # --- a batch ------------------------------------------------------------------------------
 
 
@@ -69,7 +76,7 @@ class Batch:
     outputs: list[tuple[str, Any, Any, int | None]] = field(default_factory=list)
     dead_letters: list[tuple[ConsumerRecord, str]] = field(default_factory=list)
     state: Any = None
-    seconds: float = 0.0  # how long its commit took
+    seconds: float = 0.0  # from the start of its processing to the end of its commit
 
     def emit(self, topic: str, key: Any, value: Any, partition: int | None = None) -> None:
         self.outputs.append((topic, key, value, partition))
@@ -89,12 +96,12 @@ class Batch:
                 for tp, rs in self.records.items() if rs}  # fmt: skip
 
 
-# --- stats and their listeners ------------------------------------------------------------
+# --- stats and observers ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class BatchReport:
-    """One batch's outcome, handed to every stats listener."""
+    """One batch's outcome, handed to every observer."""
 
     worker: str
     outcome: str  # "committed" | "aborted"
@@ -106,7 +113,7 @@ class BatchReport:
 
 @dataclass
 class Stats:
-    """The counters of one worker; listeners (metrics, events) see every batch report."""
+    """The counters of one worker (what its progress lines, status file and metrics say)."""
 
     worker: str
     records: int = 0
@@ -117,7 +124,6 @@ class Stats:
     rebalances: int = 0
     counts: Counter[str] = field(default_factory=Counter)  # the worker's own (e.g. fired)
     lag: dict[TopicPartition, int] = field(default_factory=dict)
-    listeners: list[Callable[[BatchReport], None]] = field(default_factory=list, repr=False)
 
     def observe(self, report: BatchReport) -> None:
         if report.outcome == "committed":
@@ -127,14 +133,37 @@ class Stats:
             self.dead_letters += report.dead_letters
         else:
             self.aborts += 1
-        for listener in self.listeners:
-            listener(report)
 
     def summary(self) -> str:
         return (f"{self.records} records, {self.outputs} outputs, {self.dead_letters} dead "
                 f"letters, {self.commits} commits, {self.aborts} aborts, "
                 f"{self.rebalances} rebalances"
                 + "".join(f", {n} {name}" for name, n in sorted(self.counts.items())))  # fmt: skip
+
+
+class Observer:
+    """Lifecycle hooks of a runtime, for metrics and events; override the ones needed.
+
+    Each hook runs on the worker's thread between batches, so it must return at once
+    (anything that can wait, e.g. a network call, goes to a thread behind a bounded
+    buffer). An exception in a hook is logged and the worker goes on.
+    """
+
+    def started(self, runtime: Runtime) -> None:
+        """`run` began: subscribed, state "joining"."""
+
+    def rebalanced(self, runtime: Runtime) -> None:
+        """A rebalance was applied: `runtime.assigned` is the new assignment, its state
+        restored by the worker (state "running")."""
+
+    def batch(self, runtime: Runtime, report: BatchReport) -> None:
+        """A transaction committed or aborted (`runtime.stats` counts it already)."""
+
+    def tick(self, runtime: Runtime) -> None:
+        """Every `progress_interval_s` while running: `runtime.stats.lag` was just refreshed."""
+
+    def stopped(self, runtime: Runtime) -> None:
+        """`run` ended: state "stopped", or "failed" when it raised."""
 
 
 # --- the transaction of a batch -----------------------------------------------------------
@@ -312,6 +341,7 @@ class Runtime:
         closers: Iterable[Callable[[], Any]] = (),
         instance: str | None = None,
         status_dir: Path | None = None,
+        observers: Iterable[Observer] = (),
     ) -> None:
         self.processor = processor
         self.consumer = consumer
@@ -331,11 +361,14 @@ class Runtime:
         self._subscribed = False
         self.instance = instance
         # "joining" until the first assignment is applied (its state restored), "running",
-        # then "stopped": what readiness checks and `make status` read from the status file.
+        # then "stopped" (or "failed" when `run` raised): what readiness checks and `make
+        # status` read from the status file.
         self.state = "joining"
         self.status_path = (
             status_dir / f"{processor.name}.{instance or os.getpid()}.json" if status_dir else None
         )
+        self.observers: list[Observer] = list(observers)
+        self._observer_failures: set[tuple[int, str]] = set()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -363,28 +396,37 @@ class Runtime:
         self.consumer.close(autocommit=False)
 
     def run(self, stop: StopSignal | None = None, *, before_poll=None, after_poll=None) -> None:
-        """Poll, process and commit until `stop` is set; the batch in hand always finishes."""
+        """Poll, process and commit until `stop` is set; the batch in hand always finishes.
+        Every `progress_interval_s`: the lag refreshed, a progress line, the status file and
+        the observers' `tick`."""
         self.stop = stop if stop is not None else StopSignal()
         self.subscribe()
         self.write_status()
-        last_progress, records_then = time.monotonic(), 0
-        while not self.stop:
-            if before_poll is not None:
-                before_poll()
-            self.step()
-            if after_poll is not None:
-                after_poll()
-            if time.monotonic() - last_progress >= self.progress_interval_s:
-                elapsed = time.monotonic() - last_progress
-                rate = (self.stats.records - records_then) / elapsed
-                self._update_lag()
-                log.info("%s: %s; %.0f records/s; lag %s", self.processor.name,
-                         self.stats.summary(), rate, self._lag_text())  # fmt: skip
-                self.write_status()
-                last_progress, records_then = time.monotonic(), self.stats.records
-        self.state = "stopped"
-        self.write_status()
-        log.info("%s stopped: %s", self.processor.name, self.stats.summary())
+        self._notify("started")
+        stopped = False
+        try:
+            last_progress, records_then = time.monotonic(), 0
+            while not self.stop:
+                if before_poll is not None:
+                    before_poll()
+                self.step()
+                if after_poll is not None:
+                    after_poll()
+                if time.monotonic() - last_progress >= self.progress_interval_s:
+                    elapsed = time.monotonic() - last_progress
+                    rate = (self.stats.records - records_then) / max(elapsed, 1e-9)
+                    self._update_lag()
+                    log.info("%s: %s; %.0f records/s; lag %s", self.processor.name,
+                             self.stats.summary(), rate, self._lag_text())  # fmt: skip
+                    self.write_status()
+                    self._notify("tick")
+                    last_progress, records_then = time.monotonic(), self.stats.records
+            stopped = True
+        finally:
+            self.state = "stopped" if stopped else "failed"
+            self.write_status()
+            self._notify("stopped")
+            log.info("%s %s: %s", self.processor.name, self.state, self.stats.summary())
 
     def step(self, max_records: int | None = None) -> int:
         """One poll and its batches; returns the records processed (committed or not)."""
@@ -437,6 +479,7 @@ class Runtime:
                 self.processor.on_assigned(fresh)
         self.state = "running"
         self.write_status()
+        self._notify("rebalanced")
         return {}
 
     # --- batches ------------------------------------------------------------------------
@@ -451,9 +494,10 @@ class Runtime:
                 return
 
     def _process_scope(self, transactor: Transactor, records: Records) -> bool:
+        started = time.monotonic()
         try:
             batch = self.processor.process(records)
-            committed = self._commit(transactor, batch)
+            committed = self._commit(transactor, batch, started)
         except Exception as error:  # the worker's own code failed: a bug, not bad input
             return self._failed(transactor, records, error)
         if committed:
@@ -475,7 +519,7 @@ class Runtime:
                   self.processor.name, sum(map(len, records.values())), attempts,
                   self.max_attempts, exc_info=error)  # fmt: skip
         self.processor.on_aborted(records)
-        self.stats.observe(BatchReport(self.processor.name, "aborted", 0, 0, 0, 0.0))
+        self._report(BatchReport(self.processor.name, "aborted", 0, 0, 0, 0.0))
         if attempts < self.max_attempts:
             self._rewind([records])
             self._backoff()
@@ -490,16 +534,17 @@ class Runtime:
         ordered = [(tp, r) for tp, rs in records.items() for r in rs]
         for n, (tp, record) in enumerate(ordered):
             single = {tp: [record]}
+            started = time.monotonic()
             try:
                 batch = self.processor.process(single)
-                committed = self._commit(transactor, batch)
+                committed = self._commit(transactor, batch, started)
             except Exception as failure:
                 self.processor.on_aborted(single)
                 reason = f"processing failed: {type(failure).__name__}: {failure}"
                 log.error("%s: %s[%d]@%d to the DLQ: %s", self.processor.name, record.topic,
                           record.partition, record.offset, reason)  # fmt: skip
                 batch = Batch(single, dead_letters=[(record, reason)])
-                committed = self._commit(transactor, batch)
+                committed = self._commit(transactor, batch, started)
             if committed:
                 self._committed(batch)
             if not committed or self.stop:
@@ -515,11 +560,10 @@ class Runtime:
                 self.consumer.seek(tp, rs[-1].offset + 1)
         return True
 
-    def _commit(self, transactor: Transactor, batch: Batch) -> bool:
-        """Commit `batch`; False if Kafka aborted it (handled here: the batch is read
-        again). Any other exception (an output the worker cannot encode) aborts the
-        transaction and propagates."""
-        started = time.monotonic()
+    def _commit(self, transactor: Transactor, batch: Batch, started: float) -> bool:
+        """Commit `batch` (processed since `started`); False if Kafka aborted it (handled
+        here: the batch is read again). Any other exception (an output the worker cannot
+        encode) aborts the transaction and propagates."""
         try:
             transactor.commit(self.consumer, batch)
         except KafkaError as error:
@@ -531,9 +575,9 @@ class Runtime:
             transactor.abort(error)
             self._rewind([batch.records])
             self.processor.on_aborted(batch.records)
-            self.stats.observe(BatchReport(self.processor.name, "aborted", batch.size,
-                                           len(batch.outputs), len(batch.dead_letters),
-                                           time.monotonic() - started))  # fmt: skip
+            self._report(BatchReport(self.processor.name, "aborted", batch.size,
+                                     len(batch.outputs), len(batch.dead_letters),
+                                     time.monotonic() - started))  # fmt: skip
             self._backoff()
             return False
         except Exception as error:
@@ -546,9 +590,27 @@ class Runtime:
         for tp in batch.records:
             self._failures.pop(tp, None)
         self.processor.on_committed(batch)
-        self.stats.observe(BatchReport(self.processor.name, "committed", batch.size,
-                                       len(batch.outputs), len(batch.dead_letters),
-                                       batch.seconds))  # fmt: skip
+        self._report(BatchReport(self.processor.name, "committed", batch.size,
+                                 len(batch.outputs), len(batch.dead_letters),
+                                 batch.seconds))  # fmt: skip
+
+    def _report(self, report: BatchReport) -> None:
+        self.stats.observe(report)
+        self._notify("batch", report)
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        """Call `hook` of every observer; a failing observer never stops the worker (its
+        first failure per hook is logged with the traceback, later ones in one line)."""
+        for observer in self.observers:
+            try:
+                getattr(observer, hook)(self, *args)
+            except Exception as error:
+                key = (id(observer), hook)
+                first = key not in self._observer_failures
+                self._observer_failures.add(key)
+                log.warning("%s: observer %s.%s failed: %s: %s", self.processor.name,
+                            type(observer).__name__, hook, type(error).__name__, error,
+                            exc_info=error if first else None)  # fmt: skip
 
     def _rewind(self, scopes: Iterable[Records]) -> None:
         """Back to the first offset of each scope, for partitions still assigned."""

@@ -13,16 +13,26 @@ are dropped. Run several processes to share the partitions.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 
 from kafka import TopicPartition
 from kafka.errors import FencedInstanceIdError, KafkaError
 
-from stream_workers.runtime import Batch, Records, Runtime, Transactor, static_member_id
+from stream_workers.metrics import Telemetry
+from stream_workers.runtime import (
+    Batch,
+    Observer,
+    Records,
+    Runtime,
+    Transactor,
+    progress_interval,
+    static_member_id,
+)
+from tasks.commands import topic_text, worker_parser
 from tasks.kafka import (
     StopSignal,
     encode_json,
@@ -65,6 +75,7 @@ class TransactionAlertsWorker:
         instance: str | None = None,
         exactly_once: bool = True,
         batch_size: int | None = None,
+        observers: Iterable[Observer] = (),
     ) -> None:
         s = self.settings = settings or get_settings()
         self.rules = Rules.from_settings(s)
@@ -111,7 +122,8 @@ class TransactionAlertsWorker:
         self.runtime = Runtime(
             self, consumer, [self.topic], max_records=self.batch_size,
             closers=[self.transactor.close, self.restorer.close, self.watermarks.close],
-            instance=instance, status_dir=s.stream_status_dir,
+            instance=instance, status_dir=s.stream_status_dir, observers=observers,
+            progress_interval_s=progress_interval(s),
         )  # fmt: skip
         self.stats = self.runtime.stats
 
@@ -288,34 +300,55 @@ class TransactionAlertsWorker:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stream_workers transaction-alerts",
-                                     description=__doc__.split("\n\n")[0])  # fmt: skip
-    parser.add_argument(
-        "--instance",
-        help="stable name of this worker (e.g. 0, 1): static group membership and a fixed "
-        "transactional id, so a restart takes its partitions back at once; default: random",
-    )
+    settings = s = get_settings()
+    parser = worker_parser(
+        "transaction-alerts",
+        "Per-user running totals and deposit / withdrawal alerts, exactly once.",
+        settings,
+        reads=[topic_text(s, "transactions_topic"),
+               topic_text(s, "transaction_totals_changelog_topic") + ": restores"],
+        writes=[topic_text(s, "transaction_alerts_topic"),
+                topic_text(s, "transaction_totals_changelog_topic"),
+                topic_text(s, "transactions_topic", dlq=True),
+                topic_text(s, "transaction_totals_changelog_topic", dlq=True)],
+        own_settings=["transaction_alerts_group", "transaction_alerts_batch_size",
+                      "deposit_alert_threshold", "withdrawal_alert_threshold",
+                      "transaction_amount_scale", "transaction_max_abs_amount",
+                      "transaction_alerts_session_timeout_ms",
+                      "transaction_alerts_txn_timeout_ms"],
+        instance_help="stable name of this worker (e.g. 0, 1): static group membership and a "
+        "fixed transactional id, so a restart takes its partitions back at once; without "
+        "one: a random transactional id, and metrics and status files name the pid",
+    )  # fmt: skip
     parser.add_argument(
         "--at-least-once",
         action="store_true",
         help="no Kafka transactions, plain offset commits (benchmark comparison only: a "
         "crash can duplicate alerts and double-count totals)",
     )
-    parser.add_argument("--batch-size", type=int, help="max records per poll batch")
+    parser.add_argument(
+        "--batch-size", type=int, default=s.transaction_alerts_batch_size,
+        help="max records per poll batch (and per transaction)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.batch_size is not None and args.batch_size < 1:
+    if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     stop = StopSignal().install()
-    worker = TransactionAlertsWorker(
-        instance=args.instance, exactly_once=not args.at_least_once, batch_size=args.batch_size
-    )
-    log.info("instance %s consuming %s in group %s (%s)", worker.instance, worker.topic,
-             worker.settings.transaction_alerts_group,
-             "exactly once" if worker.exactly_once else "at least once")  # fmt: skip
-    with worker:
-        try:
-            worker.run(stop)
-        except FencedInstanceIdError as error:
-            log.error("stopping: another process runs as instance %r (%s)", args.instance, error)
-            return 1
+    with Telemetry("transaction-alerts", args.instance, settings, port=args.metrics_port,
+                   host=args.metrics_host) as telemetry:  # fmt: skip
+        worker = TransactionAlertsWorker(
+            settings, instance=args.instance, exactly_once=not args.at_least_once,
+            batch_size=args.batch_size,
+            observers=telemetry.observers(s.transaction_alerts_group),
+        )  # fmt: skip
+        log.info("instance %s consuming %s in group %s (%s)", worker.instance, worker.topic,
+                 s.transaction_alerts_group,
+                 "exactly once" if worker.exactly_once else "at least once")  # fmt: skip
+        with worker:
+            try:
+                worker.run(stop)
+            except FencedInstanceIdError as error:
+                log.error("stopping: another process runs as instance %r (%s)", args.instance,
+                          error)  # fmt: skip
+                return 1
     return 0

@@ -64,6 +64,19 @@ class Settings(BaseSettings):
     # Each worker process writes `<worker>.<instance>.json` here (state, assigned partitions,
     # counts, lag) when its assignment changes and with every progress line; unset: none.
     stream_status_dir: Path | None = None
+    # Prometheus metrics of a worker daemon on this port (`--metrics-port`); under
+    # `python -m stream_workers all`, consecutive ports from it. Unset: no endpoint.
+    stream_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Prefect events (started / stopped / rebalanced / heartbeat / price_alert.fired), sent
+    # when PREFECT_API_URL is set; at most `stream_events_buffer` wait (when full, the
+    # oldest is dropped).
+    stream_events_enabled: bool = True
+    stream_events_buffer: int = Field(default=1000, ge=1)
+    stream_heartbeat_interval_s: float = Field(default=30.0, gt=0)
+    # The automation that runs `price-averages` when no price-alerts heartbeat arrived for
+    # this long (the batch side covers for a stopped stream side).
+    stream_heartbeat_timeout_s: float = Field(default=120.0, ge=10)
+    log_format: Literal["text", "json"] = "text"
 
     # --- prices ----------------------------------------------------------------
     price_alerts_group: str = "price-alerts"  # worker consumer group

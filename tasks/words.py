@@ -141,7 +141,11 @@ def resolve_corpus(corpus: str) -> list[Path]:
     else:
         candidates = []
     if not candidates:
-        raise CorpusError(f"corpus: {corpus!r} matches no file")
+        where = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
+        raise CorpusError(
+            f"corpus: {corpus!r} matches no file{where}; the Shakespeare corpus is built by "
+            "`python -m sources shakespeare` (`--out FILE` for another path)"
+        )
     for file in candidates:
         _check_readable(file)
     return candidates

@@ -36,33 +36,9 @@ def eventually(
 def group_report(settings: Any, group: str, topics: list[str]) -> str:
     """A consumer group's state and members, and per partition its committed and end
     offsets: what a failed wait on lag needs to be diagnosed."""
-    from tasks.kafka import committed_lag, make_admin, make_consumer, partitions_of
+    from infra.status import format_group, group_lags
 
-    admin = make_admin(settings)
-    consumer = make_consumer(settings=settings, group_id=None)
-    try:
-        lines = []
-        try:
-            description = admin.describe_groups([group])[group]
-            members = [_member_text(m) for m in description["members"]]
-            lines.append(f"group {group}: state {description['group_state']}, members {members}")
-        except Exception as error:  # the report must not hide the failure it explains
-            lines.append(f"group {group}: not described ({error!r})")
-        tps = [tp for topic in topics for tp in partitions_of(consumer, topic)]
-        ends = consumer.end_offsets(tps)
-        lag = committed_lag(admin, consumer, {group: tps})
-        lines += [f"  {tp.topic}[{tp.partition}]: committed {ends[tp] - lag[tp]}, end "
-                  f"{ends[tp]}, lag {lag[tp]}" for tp in tps]  # fmt: skip
-        return "\n".join(lines)
-    finally:
-        consumer.close()
-        admin.close()
-
-
-def _member_text(member: dict[str, Any]) -> str:
-    assignment = member.get("member_assignment")
-    tps = getattr(assignment, "assignment", None) or assignment
-    return f"{member.get('group_instance_id') or member.get('member_id')}: {tps}"
+    return format_group(group_lags(settings, {group: topics})[0])
 
 
 def settled(settings: Any, topics: list[str]) -> bool:
@@ -128,15 +104,15 @@ def status_report(status_dir: Path) -> str:
 def artifacts(key: str) -> list[dict[str, Any]]:
     """Every artifact stored under `key` in the current Prefect API, newest first (as JSON)."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
-    query = {
-        "artifacts": {"key": {"any_": [key]}},
-        "sort": "CREATED_DESC",
-        "limit": 200,
-        "offset": 0,
-    }
     with get_client(sync_client=True) as client:
-        return client.request("POST", "/artifacts/filter", json=query).json()
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort=ArtifactSort.CREATED_DESC,
+        )
+    return [artifact.model_dump(mode="json") for artifact in found]
 
 
 def read_topic(settings: Any, topic: str, timeout_s: float = 30) -> list:

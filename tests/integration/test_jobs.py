@@ -420,8 +420,10 @@ def test_errors_and_malformed_jobs_do_not_stop_the_daemon(jobs_settings, daemon)
     assert daemon.stop() == 0, daemon.tail()
 
 
-def test_a_normal_backlog_keeps_draining_between_realtime_jobs(jobs_settings, daemon):
+def test_a_normal_backlog_keeps_draining_between_realtime_jobs(jobs_settings, daemon, monkeypatch):
     """NORMAL pauses for each REALTIME job and resumes after it, however often that is."""
+    # A backlog of seconds however fast the machine: REALTIME jobs then arrive while it drains.
+    slow_upstream(monkeypatch)
     backlog = 1500
     producer = make_producer(jobs_settings)
     normal = jobs_settings.jobs_topic(PROCESSOR, "normal")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ from kafka.structs import OffsetAndMetadata
 from stream_workers.runtime import (
     Batch,
     BatchReport,
+    Observer,
     Runtime,
     Transactor,
     _restore_parked_records,
@@ -128,6 +130,33 @@ def outputs(producer: FakeProducer, topic: str = "out") -> list:
     return [s.value for s in producer.visible if s.topic == topic]
 
 
+class Recording(Observer):
+    """Records every hook call with what the runtime says at that moment."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+        self.reports: list[BatchReport] = []
+
+    def started(self, runtime):
+        self.seen.append(("started", runtime.state, sorted(runtime.assigned)))
+
+    def rebalanced(self, runtime):
+        # How many assignments the worker had applied (restored) by then.
+        self.seen.append(("rebalanced", runtime.state, sorted(runtime.assigned),
+                          len(runtime.processor.assigned)))  # fmt: skip
+
+    def batch(self, runtime, report):
+        self.reports.append(report)
+        self.seen.append(("batch", report.outcome, report.records, report.outputs,
+                          report.dead_letters))  # fmt: skip
+
+    def tick(self, runtime):
+        self.seen.append(("tick", dict(runtime.stats.lag)))
+
+    def stopped(self, runtime):
+        self.seen.append(("stopped", runtime.state))
+
+
 class FakeClock:
     """A `time.monotonic` for a module under test; `InstantStop.wait` moves it on."""
 
@@ -162,9 +191,8 @@ def test_a_batch_commits_outputs_dead_letters_and_offsets_in_one_transaction():
     consumer = FakeConsumer(records, assignment={tp(0), tp(1)})
     factory = ProducerFactory(transactional=True)
     processor = Processor(Transactor(factory, SETTINGS))
-    runtime = runtime_for(processor, consumer)
-    reports: list[BatchReport] = []
-    runtime.stats.listeners.append(reports.append)
+    observer = Recording()
+    runtime = runtime_for(processor, consumer, observers=[observer])
 
     assert runtime.step() == 5
 
@@ -185,7 +213,7 @@ def test_a_batch_commits_outputs_dead_letters_and_offsets_in_one_transaction():
     assert (stats.records, stats.outputs, stats.dead_letters, stats.commits, stats.aborts) == (
         5, 4, 1, 1, 0,
     )  # fmt: skip
-    [report] = reports
+    [report] = observer.reports
     assert (report.worker, report.outcome, report.records, report.outputs, report.dead_letters) == (
         "test-worker", "committed", 5, 4, 1,
     )  # fmt: skip
@@ -229,8 +257,8 @@ def test_a_stale_generation_aborts_the_batch_and_rewinds_only_partitions_still_a
     assert runtime.step() == 0  # the assignment
     # Partition 1 is taken away between poll and commit: the commit is refused.
     transactor.before_commit = lambda batch: consumer.rebalance(revoked={tp(1)})
-    reports: list[BatchReport] = []
-    runtime.stats.listeners.append(reports.append)
+    observer = Recording()
+    runtime.observers.append(observer)
 
     runtime.step()
 
@@ -244,7 +272,7 @@ def test_a_stale_generation_aborts_the_batch_and_rewinds_only_partitions_still_a
     assert processor.aborted == [{tp(0): [3, 4], tp(1): [8]}]
     assert processor.committed == []
     assert (runtime.stats.aborts, runtime.stats.commits, runtime.stats.records) == (1, 0, 0)
-    assert [r.outcome for r in reports] == ["aborted"]
+    assert [r.outcome for r in observer.reports] == ["aborted"]
 
     # Read again on the same producer, the records of partition 0 commit.
     runtime.step()  # applies the queued revoke: that poll is read again
@@ -585,8 +613,7 @@ def test_a_stop_while_isolating_leaves_the_records_not_yet_committed_to_be_read_
 # --- after the commit ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["on_committed", "stats listener"])
-def test_a_failure_after_the_commit_stops_the_worker_and_the_batch_is_not_processed_again(where):
+def test_a_failure_after_the_commit_stops_the_worker_and_the_batch_is_not_processed_again():
     consumer = FakeConsumer(log_of(0, 0, b"a", b"b"), assignment={tp(0)})
     factory = ProducerFactory(transactional=True)
     processor = Processor(Transactor(factory, SETTINGS))
@@ -595,10 +622,7 @@ def test_a_failure_after_the_commit_stops_the_worker_and_the_batch_is_not_proces
     def broken(*_):
         raise RuntimeError("a bug after the commit")
 
-    if where == "on_committed":
-        processor.on_committed = broken
-    else:
-        runtime.stats.listeners.append(broken)
+    processor.on_committed = broken
 
     with pytest.raises(RuntimeError, match="a bug after the commit"):
         runtime.step()
@@ -628,6 +652,91 @@ def test_a_failure_after_a_lone_commit_while_isolating_stops_the_worker_too():
     [producer] = factory.made
     assert producer.count("commit_transaction") == 1 and outputs(producer) == [b"A"]
     assert processor.processed[3:] == [{tp(0): [0]}]
+
+
+# --- observers ----------------------------------------------------------------------------
+
+
+def test_observers_see_the_start_each_rebalance_each_batch_each_tick_and_the_stop(monkeypatch):
+    import stream_workers.runtime as module
+
+    consumer = FakeConsumer(log_of(0, 0, b"a", b"bad"), topics={TOPIC: 1})
+    consumer.highwaters = {tp(0): 2}
+    consumer.then(lambda c: c.rebalance(assigned={tp(0)}) or {})  # poll 1: the assignment
+    factory = ProducerFactory(transactional=True)
+    processor = Processor(Transactor(factory, SETTINGS))
+    # The first commit (poll 2) aborts: the batch is read again and commits (poll 3).
+    factory.made[0].fail("commit_transaction", CommitFailedError("rebalanced"), at=1)
+    clock = FakeClock()
+    monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=clock.monotonic))
+    observer = Recording()
+    runtime = runtime_for(processor, consumer, progress_interval_s=10, observers=[observer])
+
+    def five_seconds_per_poll():
+        clock.now += 5
+
+    runtime.run(StopSignal().also(lambda: consumer.count("poll") >= 4),
+                before_poll=five_seconds_per_poll)  # fmt: skip
+
+    assert observer.seen == [
+        ("started", "joining", []),
+        # After the worker applied the assignment (its restore done).
+        ("rebalanced", "running", [tp(0)], 1),
+        ("batch", "aborted", 2, 1, 1),
+        ("tick", {tp(0): 2}),  # every 10 s (2 polls), the lag just refreshed: rewound
+        ("batch", "committed", 2, 1, 1),
+        ("tick", {tp(0): 0}),
+        ("stopped", "stopped"),
+    ]
+
+
+def test_a_run_that_raises_tells_the_observers_it_stopped_failed(tmp_path):
+    consumer = FakeConsumer(log_of(0, 0, b"a"), assignment={tp(0)})
+    processor = Processor(Transactor(ProducerFactory(transactional=True), SETTINGS))
+    processor.on_committed = lambda batch: int("a bug")
+    observer = Recording()
+    runtime = runtime_for(processor, consumer, observers=[observer], instance="1",
+                          status_dir=tmp_path)  # fmt: skip
+
+    with pytest.raises(ValueError):
+        runtime.run(StopSignal())
+
+    assert observer.seen[-1] == ("stopped", "failed")
+    assert json.loads((tmp_path / "test-worker.1.json").read_text())["state"] == "failed"
+
+
+class Broken(Observer):
+    def _raise(self, *args):
+        raise RuntimeError("observer bug")
+
+    started = rebalanced = batch = tick = stopped = _raise
+
+
+def test_a_failing_observer_is_logged_and_neither_stops_the_worker_nor_the_others(caplog):
+    consumer = FakeConsumer(log_of(0, 0, b"a", b"b"), topics={TOPIC: 1})
+    consumer.then(lambda c: c.rebalance(assigned={tp(0)}) or {})
+    factory = ProducerFactory(transactional=True)
+    processor = Processor(Transactor(factory, SETTINGS))
+    observer = Recording()
+    runtime = runtime_for(processor, consumer, progress_interval_s=0,
+                          observers=[Broken(), observer])  # fmt: skip
+    consumer.append(*log_of(0, 2, b"c"))
+
+    runtime.run(StopSignal().also(lambda: consumer.count("poll") >= 3))
+
+    # Every batch committed once, none read again; the other observer saw everything.
+    assert factory.made[0].count("commit_transaction") == 1
+    assert outputs(factory.made[0]) == [b"A", b"B", b"C"] and consumer.seeks == []
+    assert [s[0] for s in observer.seen] == ["started", "rebalanced", "tick", "batch", "tick",
+                                             "tick", "stopped"]  # fmt: skip
+    failed = [(m.group(1), r.exc_info is not None) for r in caplog.records
+              if (m := re.match(r"test-worker: observer Broken\.(\w+) failed: RuntimeError: "
+                                r"observer bug$", r.getMessage()))]  # fmt: skip
+    # A traceback with the first failure of each hook only: a broken observer cannot
+    # flood the log with tracebacks at every tick.
+    assert failed == [("started", True), ("rebalanced", True), ("tick", True),
+                      ("batch", True), ("tick", False), ("tick", False),
+                      ("stopped", True)]  # fmt: skip
 
 
 # --- at least once ------------------------------------------------------------------------
@@ -1327,7 +1436,8 @@ def test_price_alerts_rebuilds_after_being_fenced_and_fires_once(monkeypatch):
     monkeypatch.setattr(module, "make_consumer", ConsumerFactory(group, alerts_consumer))
     monkeypatch.setattr(module, "make_producer", producers)
 
-    worker = module.PriceAlertsWorker(s, batch_size=100)
+    fired: list[dict] = []
+    worker = module.PriceAlertsWorker(s, batch_size=100, on_fired=fired.append)
     runtime = worker.runtime
     runtime.subscribe()
     group.then(lambda c: c.rebalance(assigned={trades(0), trades(1)}) or {})
@@ -1354,6 +1464,7 @@ def test_price_alerts_rebuilds_after_being_fenced_and_fires_once(monkeypatch):
         worker.transactors[1].producer,
     ]
     assert "a1" in worker.state.alerts  # its firing did not commit: live again
+    assert fired == []  # nor is it told as fired
 
     runtime.step()  # the trades, read again, fire it once
     assert fenced.visible == []
@@ -1365,6 +1476,7 @@ def test_price_alerts_rebuilds_after_being_fenced_and_fires_once(monkeypatch):
     ]
     assert replacement.visible[0].value["source"] == "stream"
     assert "a1" not in worker.state.alerts
+    assert fired == [replacement.visible[0].value]  # told once, with its notification
 
 
 def test_jobs_lane_skips_known_ids_and_forgets_those_of_an_aborted_slice(monkeypatch):
