@@ -11,8 +11,10 @@ and what to do when partitions are assigned or revoked. The runtime owns the res
 - the commit of a batch (`Transactor.commit`): outputs, dead letters and the consumer
   offsets in one Kafka transaction (or, at least once, sent then committed);
 - the abort policy, the same for every worker: abort guarded; a fenced or failed producer
-  is replaced; the consumer goes back to the first offsets of every scope not committed
-  (for partitions still assigned); the worker drops the derived state of those scopes;
+  is replaced, and so is one whose offset commit failed (kafka-python would send those
+  offsets again with its next transaction); the consumer goes back to the first offsets of
+  every scope not committed (for partitions still assigned); the worker drops the derived
+  state of those scopes;
 - a batch whose processing raises (a bug, not bad input) is retried `max_attempts` times,
   then re-run one record at a time, and the record that raises is dead-lettered with the
   exception text: the worker goes on;
@@ -188,6 +190,10 @@ class Transactor:
         self.settings = settings
         self.exactly_once = exactly_once
         self.producer: KafkaProducer | None = None
+        # The producer's offset commit failed: kafka-python keeps those offsets pending across
+        # the abort and sends them with the next transaction's, which would move a partition's
+        # committed offset back behind what committed since (its state counted twice then).
+        self._offsets_refused = False
         # Test seam: called with the batch right before its commit.
         self.before_commit: Callable[[Batch], None] | None = None
         self.ensure_producer()
@@ -220,7 +226,11 @@ class Transactor:
         offsets = batch.next_offsets()
         if self.exactly_once:
             if offsets:  # a batch may consume nothing (a repair written during a restore)
-                producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
+                try:
+                    producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
+                except BaseException:
+                    self._offsets_refused = True
+                    raise
             producer.commit_transaction()
             return
         # At least once: offsets only after every output is acknowledged (flush does not
@@ -233,12 +243,15 @@ class Transactor:
             consumer.commit(offsets)
 
     def abort(self, error: BaseException) -> None:
-        """Abort the open transaction; replace the producer when it is fenced or unusable."""
+        """Abort the open transaction; replace the producer when it is fenced or unusable,
+        or when its offset commit failed (the offsets would go with its next transaction)."""
         producer = self.producer
         if producer is None:
             return
-        replace = isinstance(error, ProducerFencedError) or not self.exactly_once
-        if self.exactly_once and not replace:
+        fenced = isinstance(error, ProducerFencedError)
+        replace = fenced or not self.exactly_once or self._offsets_refused
+        self._offsets_refused = False
+        if self.exactly_once and not fenced:
             try:
                 producer.abort_transaction()
             except Exception as abort_error:  # fenced meanwhile, or the broker is gone

@@ -152,6 +152,7 @@ class FakeProducer(_Recorder):
         self._undelivered: dict[int, BaseException] = {}  # send number -> its future's error
         self._pending: list[FakeFuture] = []
         self._transaction_error: BaseException | None = None
+        self._refused_offsets: dict[TopicPartition, OffsetAndMetadata] = {}
 
     def fail_delivery(self, error: BaseException, *, at: int | None = None) -> FakeProducer:
         """The future of send number `at` (1-based; default: the next send) fails with
@@ -209,11 +210,18 @@ class FakeProducer(_Recorder):
         return future
 
     def send_offsets_to_transaction(self, offsets, group_metadata) -> None:
-        self._call("send_offsets_to_transaction", offsets, group_metadata)
+        """As kafka-python 3.0: offsets the group refused (a failed call) stay pending in
+        the producer, across the abort, and commit with its next transaction's offsets."""
+        try:
+            self._call("send_offsets_to_transaction", offsets, group_metadata)
+        except Exception:
+            self._refused_offsets.update(offsets)
+            raise
         self._usable()
         if self._open is None:
             raise IllegalStateError("no transaction in progress")
-        self._offsets = (dict(offsets), group_metadata)
+        self._offsets = ({**self._refused_offsets, **offsets}, group_metadata)
+        self._refused_offsets = {}
 
     def commit_transaction(self) -> None:
         self._call("commit_transaction")

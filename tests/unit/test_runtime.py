@@ -8,6 +8,7 @@ run each worker's own hooks on the same fakes.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import re
@@ -26,9 +27,15 @@ from kafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     ProducerFencedError,
+    UnknownMemberIdError,
+)
+from kafka.producer.transaction_manager import (
+    ProducerIdAndEpoch,
+    TransactionManager,
+    TransactionState,
 )
 from kafka.record.memory_records import MemoryRecordsBuilder
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 
 from stream_workers.runtime import (
     Batch,
@@ -265,7 +272,8 @@ def test_a_stale_generation_aborts_the_batch_and_rewinds_only_partitions_still_a
     [producer] = factory.made
     assert producer.count("abort_transaction") == 1
     assert producer.count("commit_transaction") == 0
-    assert transactor.producer is producer and not producer.closed  # kept: not fenced
+    # Replaced (not fenced): the group refused its offsets, which it keeps pending.
+    assert transactor.producer is None and producer.closed
     assert producer.visible == []
     assert [s.value for s in producer.aborted] == [b"A", b"B", b"C"]
     assert consumer.seeks == [(tp(0), 3)]  # not partition 1: no longer ours
@@ -274,11 +282,69 @@ def test_a_stale_generation_aborts_the_batch_and_rewinds_only_partitions_still_a
     assert (runtime.stats.aborts, runtime.stats.commits, runtime.stats.records) == (1, 0, 0)
     assert [r.outcome for r in observer.reports] == ["aborted"]
 
-    # Read again on the same producer, the records of partition 0 commit.
+    # Read again on the replacement, the records of partition 0 commit.
     runtime.step()  # applies the queued revoke: that poll is read again
     runtime.step()
-    assert outputs(producer) == [b"A", b"B"]
+    [_, replacement] = factory.made
+    assert outputs(replacement) == [b"A", b"B"]
+    assert replacement.committed_offsets == [{tp(0): OffsetAndMetadata(5, "", -1)}]
     assert processor.revoked == [{tp(1)}]
+
+
+def test_offsets_the_group_refused_never_commit_with_a_later_batch():
+    # A zombie's batch of partition 0 is refused (its member left the group); another member
+    # processes partition 0 on and commits; the zombie rejoins with partition 1 only. The
+    # producer keeps refused offsets pending across the abort (kafka-python 3.0 does): the
+    # next transaction must not carry them, or partition 0's committed offset goes back
+    # behind its state (the changelog), and its next owner counts those records twice.
+    consumer = FakeConsumer(log_of(0, 3, b"a", b"b") + log_of(1, 8, b"c"),
+                            assignment={tp(0), tp(1)})  # fmt: skip
+    refusing = FakeProducer().fail("send_offsets_to_transaction", CommitFailedError("left"))
+    factory = ProducerFactory(refusing, transactional=True)
+    transactor = Transactor(factory, SETTINGS)
+    processor = Processor(transactor)
+    runtime = runtime_for(processor, consumer)
+    runtime.subscribe()
+    runtime.assigned = {tp(0), tp(1)}
+
+    runtime.step()  # refused
+    assert runtime.stats.aborts == 1 and consumer.committed_offsets == {}
+
+    consumer.committed_offsets[tp(0)] = 20  # the other member's commits
+    consumer.then(lambda c: c.rebalance(lost={tp(0), tp(1)}, assigned={tp(1)}) or {})
+    runtime.step()  # the rebalance
+    runtime.step()  # partition 1 read again, committed
+
+    assert runtime.stats.commits == 1
+    assert consumer.committed_offsets == {tp(0): 20, tp(1): 9}
+    assert [list(c) for p in factory.made for c in p.committed_offsets] == [[tp(1)]]
+
+
+def test_kafka_python_still_keeps_refused_offsets_pending_across_an_abort():
+    """Why a producer whose offset commit failed is replaced: its transaction manager keeps
+    the offsets and sends them with the next transaction's. When this fails, kafka-python
+    changed: the replacement may no longer be needed (the test above still guards it)."""
+    manager = TransactionManager(transactional_id="t", api_version=(2, 5))
+    manager._transition_to(TransactionState.INITIALIZING)
+    manager.set_producer_id_and_epoch(ProducerIdAndEpoch(1, 0))
+    manager._transition_to(TransactionState.READY)
+    manager.begin_transaction()
+
+    def answer(response) -> None:  # the next request the sender would send, answered
+        handler = heapq.heappop(manager._pending_requests)[2]
+        handler.handle_response(response)
+
+    refused = manager.send_offsets_to_transaction(
+        {tp(0): OffsetAndMetadata(5, "", -1)}, ConsumerGroupMetadata("g", 3, "left-member")
+    )
+    answer(SimpleNamespace(error_code=0))  # AddOffsetsToTxn
+    answer(SimpleNamespace(topics=[(TOPIC, [(0, UnknownMemberIdError.errno)])]))
+    assert isinstance(refused._error, CommitFailedError)
+    manager.begin_abort()
+    answer(SimpleNamespace(error_code=0))  # EndTxn (abort)
+
+    assert manager._test_is_ready()
+    assert manager._pending_txn_offset_commits == {tp(0): OffsetAndMetadata(5, "", -1)}
 
 
 def test_a_fenced_producer_is_not_aborted_but_replaced_before_the_next_batch():
@@ -373,7 +439,9 @@ def test_after_an_aborted_scope_the_later_scopes_of_the_poll_are_read_again():
     runtime.step()
 
     assert processor.processed[2:] == [{tp(1): [3, 4]}, {tp(2): [3, 4]}]
-    assert (outputs(p0), outputs(p1), outputs(p2)) == ([b"A", b"B"], [b"C", b"D"], [b"E", b"F"])
+    p1_again = factories[1].made[1]  # p1 was replaced: its offsets were refused
+    assert (outputs(p0), outputs(p1_again), outputs(p2)) == ([b"A", b"B"], [b"C", b"D"],
+                                                             [b"E", b"F"])  # fmt: skip
 
 
 def test_a_rebalance_is_applied_as_one_net_change_and_the_poll_is_read_again():
@@ -1527,7 +1595,8 @@ def test_jobs_lane_skips_known_ids_and_forgets_those_of_an_aborted_slice(monkeyp
 
     lane.runtime.step()  # read again: processed, not skipped as a duplicate
     assert handled == [fresh, later, later]
-    assert [str(parse_result(v.value).job_id) for v in producer.visible] == [fresh, later]
+    visible = [v for p in producers.made for v in p.visible]  # replaced: offsets refused
+    assert [str(parse_result(v.value).job_id) for v in visible] == [fresh, later]
     assert later in lane.known and lane.stats.counts["duplicate"] == 1
 
 
