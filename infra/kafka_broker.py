@@ -12,10 +12,8 @@ and listeners (e.g. SASL or SSL ones), owned and stopped by its caller (the test
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import uuid
 from collections.abc import Callable, Mapping
@@ -323,17 +321,8 @@ class Broker:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM the broker's process group, SIGKILL after `timeout_s`."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        if self.process is not None:
+            services.stop_group(self.process, timeout_s)
 
     def __enter__(self) -> Broker:
         return self

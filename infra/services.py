@@ -91,6 +91,18 @@ def stop(name: str, timeout_s: float = 30.0) -> bool:
     return True
 
 
+def stop_group(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM a child started in its own process group, SIGKILL the group after `timeout_s`."""
+    if process.poll() is not None:
+        return
+    _signal_group(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
 def _signal_group(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signum)

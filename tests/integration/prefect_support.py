@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
@@ -17,6 +15,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
+from infra.services import stop_group
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,18 +48,6 @@ def background(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subp
         yield process
     finally:
         stop_group(process)
-
-
-def stop_group(process: subprocess.Popen, timeout_s: float = 30) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
 
 
 def python(*args: str) -> list[str]:
